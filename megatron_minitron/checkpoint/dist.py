@@ -1,0 +1,205 @@
+"""Our checkpoints: megatron dist_checkpointing tensors + a JSON header with the model config.
+
+Layout of one checkpoint folder (written atomically: a `.tmp` folder renamed at the end):
+    <root>/step_000010/            dist_checkpointing shards (model, optimizer, RNG)
+    <root>/step_000010/minitron.json   model config, tokenizer, step, consumed samples, layout
+    <root>/latest                  name of the newest complete step folder
+A checkpoint saved at one TP/PP loads at any other that the shapes allow (dist_checkpointing
+reshards); RNG and optimizer state are restored only when the layout is unchanged.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.model import ModelConfig, RopeScaling
+
+HEADER = "minitron.json"
+LATEST = "latest"
+
+
+@dataclasses.dataclass
+class CheckpointHeader:
+    """What a checkpoint says about itself, readable without megatron-core."""
+
+    model: ModelConfig
+    tokenizer: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    step: int = 0
+    consumed_samples: int = 0
+    layout: Dict[str, int] = dataclasses.field(default_factory=dict)
+    has_optimizer: bool = False
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CheckpointHeader":
+        d = json.loads(text)
+        m = d.pop("model")
+        if m.get("rope_scaling") is not None:
+            m["rope_scaling"] = RopeScaling(**m["rope_scaling"])
+        return cls(model=ModelConfig(**m), **d)
+
+
+def step_dir(root: str, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def resolve(path: str) -> Optional[Path]:
+    """A step folder from either a step folder or a root holding `latest`; None if empty."""
+    p = Path(path).expanduser()
+    if (p / HEADER).is_file():
+        return p
+    if (p / LATEST).is_file():
+        q = p / (p / LATEST).read_text().strip()
+        if (q / HEADER).is_file():
+            return q
+    return None
+
+
+def read_header(path: str) -> CheckpointHeader:
+    p = resolve(path)
+    if p is None:
+        raise ConfigError("checkpoint.load", f"no complete checkpoint at {path} (no {HEADER} "
+                          f"and no '{LATEST}' pointer)", "point to a step_* folder or its root")
+    return CheckpointHeader.from_json((p / HEADER).read_text())
+
+
+def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+    """One flat namespace for all chunks: sharded keys carry global layer numbers, so the same
+    file loads whatever the PP/VPP split."""
+    from megatron_minitron.models.builder import unwrap
+
+    return {f"chunk{i}": unwrap(c).sharded_state_dict(prefix="")
+            for i, c in enumerate(chunks)}
+
+
+def _rng_sharded_object(layout: Dict[str, int], ranks: Dict[str, int]):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {"torch": torch.get_rng_state()}
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state["tracker"] = get_cuda_rng_tracker().get_states()
+    return ShardedObject("rng_state", state, (layout["pp"], layout["tp"], layout["dp"]),
+                         (ranks["pp"], ranks["tp"], ranks["dp"]), replica_id=0)
+
+
+def save(root: str, step: int, chunks: List[torch.nn.Module], header: CheckpointHeader,
+         optimizer=None, scheduler=None, keep_last: int = 0, ctx=None) -> Path:
+    """Collective: every rank calls it. Returns the final step folder."""
+    from megatron.core import dist_checkpointing
+
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    sd: Dict[str, Any] = {"model": model_sharded_state_dict(chunks)}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"])
+        header.has_optimizer = True
+    if ctx is not None:
+        layout = {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
+        ranks = {"tp": ctx.tp_rank, "pp": ctx.pp_rank, "dp": ctx.dp_rank}
+        header.layout = layout
+        sd["rng"] = _rng_sharded_object(layout, ranks)
+    if scheduler is not None:
+        header.extra["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(sd, str(tmp))
+    _barrier()
+    if rank0:
+        (tmp / HEADER).write_text(header.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(Path(root), final.name)
+        if keep_last:
+            _prune_old(Path(root), keep_last)
+    _barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(name)
+    os.replace(tmp, root / LATEST)
+
+
+def _prune_old(root: Path, keep_last: int) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in steps[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(path: str, chunks: List[torch.nn.Module], optimizer=None, scheduler=None, ctx=None,
+         strict: bool = True) -> CheckpointHeader:
+    """Load weights (and, when given and the layout matches, optimizer/scheduler/RNG) in place.
+    Raises ConfigError when the checkpoint's architecture disagrees with the built model."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_minitron.models.builder import unwrap
+
+    p = resolve(path)
+    if p is None:
+        raise ConfigError("checkpoint.load", f"no complete checkpoint at {path}",
+                          "point to a step_* folder or a folder with a 'latest' file")
+    header = CheckpointHeader.from_json((p / HEADER).read_text())
+    sd: Dict[str, Any] = {"model": model_sharded_state_dict(chunks)}
+    _check_shapes(sd["model"], p, header)
+    same_layout = ctx is not None and header.layout == {
+        "tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
+    if optimizer is not None and header.has_optimizer:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True)
+    if same_layout:
+        sd["rng"] = _rng_sharded_object(header.layout, {
+            "tp": ctx.tp_rank, "pp": ctx.pp_rank, "dp": ctx.dp_rank})
+    state = dist_checkpointing.load(sd, str(p))
+    for i, c in enumerate(chunks):
+        unwrap(c).load_state_dict(state["model"][f"chunk{i}"], strict=strict)
+    if "optimizer" in sd:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in header.extra:
+        scheduler.load_state_dict(header.extra["scheduler"])
+    if "rng" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        torch.set_rng_state(state["rng"]["torch"])
+        get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+    return header
+
+
+def _check_shapes(model_sd: Dict[str, Any], path: Path, header: CheckpointHeader) -> None:
+    """Name the first tensor whose global shape differs, before dist_checkpointing's deep error."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for v in nested_values(model_sd):
+        if not isinstance(v, ShardedTensor):
+            continue
+        if v.key not in saved:
+            raise ConfigError("checkpoint.load", f"{path} has no tensor {v.key}",
+                              "load a checkpoint of the same architecture (its minitron.json: "
+                              f"{header.model})")
+        if tuple(saved[v.key].global_shape) != tuple(v.global_shape):
+            raise ConfigError(
+                "model", f"checkpoint tensor {v.key} has shape {tuple(saved[v.key].global_shape)} but "
+                f"the configured model expects {tuple(v.global_shape)}",
+                "drop the model overrides; a checkpoint carries its own model config")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

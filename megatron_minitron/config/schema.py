@@ -1,0 +1,62 @@
+"""The root config: one typed section per concern. Stages read the sections they need."""
+
+from dataclasses import dataclass, field
+
+from megatron_minitron.config.data import DataConfig
+from megatron_minitron.config.model import ModelConfig
+from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
+from megatron_minitron.config.train import CheckpointConfig, LoggerConfig, TrainConfig
+
+
+@dataclass
+class RunConfig:
+    """Where a stage writes."""
+
+    dir: str = "runs/default"
+    """Run folder: metrics.jsonl, config.yaml, checkpoints and stage outputs go here."""
+
+
+@dataclass
+class MinitronConfig:
+    """Everything a stage needs. Convert from Hydra once (config.loader) and pass this around."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Output location."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture (replaced by a loaded checkpoint's own config)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP / VPP layout."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device, kernels, precision, seed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Tokenizer and datasets."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint save/load."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Logging."""
+
+    def __post_init__(self):
+        self.validate_layout()
+
+    def validate_layout(self):
+        """Cross-section checks: the model's shapes against the parallel layout."""
+        from megatron_minitron.config.errors import ConfigError
+
+        m, p = self.model, self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            if getattr(m, name) % tp:
+                raise ConfigError(f"model.{name}", f"{getattr(m, name)} is not divisible by "
+                                  f"tensor_model_parallel_size {tp}",
+                                  f"use a multiple of {tp} or a smaller TP")
+        if m.padded_vocab_size % tp:
+            raise ConfigError("model.make_vocab_size_divisible_by",
+                              f"padded vocab {m.padded_vocab_size} is not divisible by TP {tp}",
+                              f"use a multiple of {tp}")
+        chunks = pp * (p.virtual_pipeline_model_parallel_size or 1)
+        if m.num_layers % chunks:
+            raise ConfigError("model.num_layers", f"{m.num_layers} layers do not split evenly "
+                              f"into {chunks} pipeline chunks",
+                              "change num_layers, pipeline or virtual pipeline size")

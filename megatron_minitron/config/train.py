@@ -1,0 +1,129 @@
+"""The training loop's knobs: batches, optimizer, schedule, validation, checkpoints, logging."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_minitron.config.errors import ConfigError
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with decoupled weight decay and gradient clipping (megatron-core optimizer)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of cosine decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    lr_warmup_iters: int = 10
+    """Linear warmup steps."""
+    lr_decay_style: str = "cosine"
+    """"cosine", "linear" or "constant"."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("train.optimizer.lr", f"lr={self.lr}, min_lr={self.min_lr}",
+                              "use 0 <= min_lr <= lr and lr > 0")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError("train.optimizer.lr_decay_style", f"unknown {self.lr_decay_style!r}",
+                              "use cosine, linear or constant")
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch sizes and validation cadence."""
+
+    train_iters: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills
+    the gap)."""
+    eval_interval: int = 50
+    """Validate every this many steps (0: only at the end)."""
+    eval_iters: int = 4
+    """Validation batches per evaluation."""
+    log_interval: int = 1
+    """Log every this many steps."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and LR schedule."""
+    exit_after_iters: Optional[int] = None
+    """Stop (after checkpointing) once this many steps ran in this process; for tests of
+    resume and for time-sliced jobs."""
+
+    def __post_init__(self):
+        for name in ("train_iters", "micro_batch_size", "global_batch_size", "eval_iters",
+                     "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", "must be >= 1", "use a positive integer")
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.global_batch_size} is not divisible by micro_batch_size x DP = "
+                f"{self.micro_batch_size} x {data_parallel_size}",
+                f"use a multiple of {per_step}",
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go and what is loaded."""
+
+    save: Optional[str] = None
+    """Checkpoint folder; None means RUN_DIR/checkpoints."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    load: Optional[str] = None
+    """Initial weights: one of our checkpoints (a step folder or a folder of them). Its model
+    config replaces the model section. Resuming from checkpoint.save wins over this."""
+    finetune: bool = True
+    """With load: take weights only (fresh optimizer, step 0). False continues its run state."""
+
+    def __post_init__(self):
+        if self.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last", "must be >= 1", "keep at least one")
+
+
+@dataclass
+class LoggerConfig:
+    """Console, JSONL and W&B logging."""
+
+    backend: str = "wandb"
+    """"wandb" or "none" (the JSONL metrics file and console are always written)."""
+    project: str = "megatron_minitron"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team)."""
+    name: Optional[str] = None
+    """W&B run name; None uses the run folder's name."""
+    group: Optional[str] = None
+    """W&B group."""
+    tags: List[str] = field(default_factory=list)
+    """W&B tags."""
+    mode: str = "offline"
+    """W&B mode: "offline" (default; sync later with `wandb sync`), "online" or "disabled"."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+    def __post_init__(self):
+        if self.backend not in ("wandb", "none"):
+            raise ConfigError("logger.backend", f"unknown {self.backend!r}", "use wandb or none")
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ConfigError("logger.mode", f"unknown {self.mode!r}",
+                              "use offline, online or disabled")

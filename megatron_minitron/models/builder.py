@@ -1,0 +1,119 @@
+"""ModelConfig -> megatron-core TransformerConfig -> GPTModel chunks for this rank."""
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from megatron_minitron.config.model import ModelConfig
+from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
+from megatron_minitron.runtime.device import resolve_transformer_impl
+
+
+def _squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.pow(F.relu(x), 2)
+
+
+ACTIVATION_FUNCS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "squared_relu": _squared_relu}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
+                       device_type: str = "cpu"):
+    """The megatron-core TransformerConfig for our ModelConfig under a parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    # megatron-core's own bf16 (bf16 params, fp32 main grads) on GPU; on CPU, fp32 params and
+    # bf16 autocast in the step (training.precision), which is what makes CPU matmuls fast.
+    mcore_bf16 = runtime.precision == "bf16" and device_type == "cuda"
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        gated_linear_unit=model.gated_linear_unit,
+        activation_func=ACTIVATION_FUNCS[model.activation],
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=mcore_bf16,
+        params_dtype=torch.bfloat16 if mcore_bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if mcore_bf16 else torch.float32,
+        use_cpu_initialization=device_type != "cuda",
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        deallocate_pipeline_outputs=device_type == "cuda",
+    )
+
+
+def layer_spec(model: ModelConfig, runtime: RuntimeConfig):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if resolve_transformer_impl(runtime) == "transformer_engine":
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
+                device: torch.device) -> List[torch.nn.Module]:
+    """The GPTModel chunks this rank owns (one per virtual pipeline stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(model, parallel, runtime, device.type)
+    spec = layer_spec(model, runtime)
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=model.padded_vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+            position_embedding_type=model.position_embedding_type,
+            rotary_percent=model.rotary_percent,
+            rotary_base=int(model.rotary_base),
+            vp_stage=stage,
+        )
+        if model.rope_scaling is not None and model.position_embedding_type == "rope":
+            _apply_llama3_rope_scaling(gpt, model)
+        chunks.append(gpt.to(device))
+    return chunks
+
+
+def _apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
+    """megatron-core hard-codes three of Llama 3.1's four scaling numbers; we pass all four."""
+    rope = gpt.rotary_pos_emb
+    dim = rope.inv_freq.numel() * 2
+    base = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    s = model.rope_scaling
+    rope.inv_freq = rope._apply_scaling(
+        base.to(rope.inv_freq.device), factor=s.factor, low_freq_factor=s.low_freq_factor,
+        high_freq_factor=s.high_freq_factor,
+        original_max_position_embeddings=s.original_max_position_embeddings)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
