@@ -1,0 +1,36 @@
+"""Exit codes and the one-line failure reason every stage promises."""
+
+import os
+import sys
+import traceback
+from typing import Callable, List
+
+from megatron_minitron.config.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_REQUEUE = 3
+"""A pre-empted job saved a checkpoint and asks its launcher to requeue it."""
+
+
+class Requeue(Exception):
+    """Raised by the training loop after a signal-triggered checkpoint."""
+
+
+def run_stage(fn: Callable[[List[str]], None], overrides: List[str]) -> int:
+    try:
+        fn(overrides)
+    except ConfigError as e:
+        print(f"minitron: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Requeue as e:
+        print(f"minitron: pre-empted, checkpoint saved, requeue: {e}", file=sys.stderr)
+        return EXIT_REQUEUE
+    except Exception as e:
+        if os.environ.get("MINITRON_TRACEBACK", "1") != "0":
+            traceback.print_exc()
+        print(f"minitron: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK

@@ -1,0 +1,48 @@
+"""`minitron STAGE [hydra overrides...]`: dispatch to cli/<stage>.py's main(overrides)."""
+
+import importlib
+import sys
+from typing import List, Optional
+
+STAGES = {
+    "train": "Pretrain or fine-tune (teacher correction) with the LM loss.",
+    "data": "Preprocess text/JSONL into megatron indexed datasets.",
+    "convert": "Hugging Face <-> megatron checkpoints.",
+    "importance": "Estimate width and depth importance scores.",
+    "prune": "Slice a checkpoint to a target architecture.",
+    "search": "Architecture search under a parameter budget.",
+    "distill": "Knowledge distillation from a teacher.",
+    "eval": "Perplexity and lm-eval-harness evaluation.",
+    "pipeline": "The whole Minitron recipe, end to end.",
+}
+
+
+def usage() -> str:
+    lines = ["usage: minitron STAGE [key=value ...]", "", "stages:"]
+    lines += [f"  {name:<11} {text}" for name, text in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    stage, overrides = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"minitron: unknown stage {stage!r}\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"megatron_minitron.cli.{stage}")
+    except ModuleNotFoundError as e:
+        if e.name == f"megatron_minitron.cli.{stage}":
+            print(f"minitron: stage {stage!r} is not built yet", file=sys.stderr)
+            return 2
+        raise
+    from megatron_minitron.cli.errors import run_stage
+
+    return run_stage(module.main, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
