@@ -6,16 +6,13 @@ import traceback
 from typing import Callable, List
 
 from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.runtime.signals import Requeue
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_REQUEUE = 3
 """A pre-empted job saved a checkpoint and asks its launcher to requeue it."""
-
-
-class Requeue(Exception):
-    """Raised by the training loop after a signal-triggered checkpoint."""
 
 
 def run_stage(fn: Callable[[List[str]], None], overrides: List[str]) -> int:

@@ -59,3 +59,27 @@ class DataConfig:
         if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0:
             raise ConfigError("data.split", f"bad split {self.split!r}",
                               "use three non-negative numbers like '949,50,1'")
+
+
+@dataclass
+class PreprocessConfig:
+    """`minitron data`: text or JSONL files -> one megatron-core indexed dataset (.bin/.idx)."""
+
+    input: List[str] = field(default_factory=list)
+    """Text files (one document each), JSONL files (one document per line) or folders of them.
+    Empty: prepare the demo Shakespeare corpus for data.tokenizer instead."""
+    output_prefix: Optional[str] = None
+    """Output path without .bin/.idx; use it in data.paths. None: RUN_DIR/data/text_document."""
+    json_key: str = "text"
+    """Field of each JSONL record that holds the document's text."""
+    append_eod: bool = True
+    """End every document with the tokenizer's eod id, so samples spanning documents are
+    separated."""
+
+    def __post_init__(self):
+        if not self.json_key:
+            raise ConfigError("preprocess.json_key", "is empty",
+                              "name the JSONL field with the text, e.g. text")
+        if self.output_prefix is not None and self.output_prefix.endswith((".bin", ".idx")):
+            raise ConfigError("preprocess.output_prefix", f"{self.output_prefix!r} ends with "
+                              "an extension", "give the prefix without .bin/.idx")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 from typing import List, Sequence, Type, TypeVar
@@ -41,8 +42,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except HydraException as e:
-        raise ConfigError("overrides", str(e).splitlines()[0],
-                          "check the override's group/key name and value") from e
+        msg = str(e).splitlines()[0]
+        m = re.search(r"override '?([\w.]+)", msg) or re.search(r"'([\w.]+)'", msg)
+        raise ConfigError(m.group(1) if m else "overrides", msg,
+                          "check the key's spelling (see megatron_minitron/config/) and the "
+                          "value's type; new keys are not accepted") from e
 
 
 def to_typed(cfg: DictConfig, schema: Type[T] = MinitronConfig) -> T:

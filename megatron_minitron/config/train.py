@@ -66,6 +66,11 @@ class TrainConfig:
                      "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", "must be >= 1", "use a positive integer")
+        if self.optimizer.lr_warmup_iters >= self.train_iters:
+            raise ConfigError("train.optimizer.lr_warmup_iters",
+                              f"{self.optimizer.lr_warmup_iters} warmup steps for "
+                              f"{self.train_iters} train_iters",
+                              "use fewer warmup steps than train_iters")
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size

@@ -6,7 +6,8 @@ megatron-core 0.16 hard-codes CUDA in a handful of places that matter for us:
   * ``tensor.cuda()`` / ``.to("cuda")`` on buffers (the DDP bucket grads, the optimizer);
   * the CUDA RNG tracker (``torch.cuda.get_rng_state``/``manual_seed`` and megatron's own
     ``_get_cuda_rng_state``/``_set_cuda_rng_state``), which the tensor parallel dropout forks;
-  * ``torch.cuda.synchronize``, ``current_device``, ``device_count``, streams and events.
+  * ``torch.cuda.synchronize``, ``current_device``, ``device_count``, streams and events;
+  * ``param.type() == 'torch.cuda.FloatTensor'`` asserts in the optimizer and grad clipping.
 
 ``install()`` maps every one of those onto the CPU: a ``TorchFunctionMode`` rewrites CUDA device
 arguments to CPU, and a short list of attribute patches covers the rest. The CUDA "RNG state" is
@@ -49,6 +50,9 @@ class CudaToCpuMode(TorchFunctionMode):
             args = (args[0], _CPU) + tuple(args[2:])
         if name in ("pin_memory",):
             return args[0]
+        if name == "type" and len(args) == 1 and not kwargs:
+            # megatron's optimizer asserts param.type() == 'torch.cuda.FloatTensor'.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 

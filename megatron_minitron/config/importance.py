@@ -1,0 +1,54 @@
+"""`minitron importance`: which scores to estimate, how to aggregate them, where to write them."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_minitron.config.errors import ConfigError
+
+AGGREGATIONS = ("mean", "l2", "var")
+
+
+@dataclass
+class ImportanceConfig:
+    """Activation-based width scores and depth scores from forward passes on calibration data.
+
+    Width: each sample's activations are first reduced over the sequence (seq_aggregation),
+    then the per-sample values over all samples (sample_aggregation). "mean" averages |x|,
+    "l2" is the Euclidean norm, "var" the (population) variance of x."""
+
+    checkpoint: Optional[str] = None
+    """Checkpoint to score (a step folder or a root holding `latest`). None: checkpoint.load."""
+    output: Optional[str] = None
+    """Scores file to write; None: RUN_DIR/importance/scores.safetensors."""
+    num_samples: int = 1024
+    """Calibration sequences over all data-parallel ranks (the Minitron paper uses 1024)."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass on one data-parallel rank."""
+    seq_aggregation: str = "mean"
+    """Reduction of one sample's activations over its tokens: mean, l2 or var."""
+    sample_aggregation: str = "l2"
+    """Reduction of the per-sample values over samples: mean, l2 or var."""
+    width: bool = True
+    """Score MLP neurons, attention heads, query groups and embedding channels."""
+    depth_cosine: bool = True
+    """Score each layer by 1 - mean cosine(layer input, layer output)."""
+    depth_loss: bool = True
+    """Score each layer by the LM-loss increase when it is skipped (one extra pass per layer)."""
+    block_sizes: List[int] = field(default_factory=list)
+    """For each k: LM-loss increase when each contiguous block of k layers is skipped (one pass
+    per block). Depth pruning to num_layers - k by contiguous block needs k here."""
+
+    def __post_init__(self):
+        for name in ("seq_aggregation", "sample_aggregation"):
+            if getattr(self, name) not in AGGREGATIONS:
+                raise ConfigError(f"importance.{name}", f"unknown {getattr(self, name)!r}",
+                                  f"use one of {AGGREGATIONS}")
+        for name in ("num_samples", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"importance.{name}", "must be >= 1", "use a positive integer")
+        if any(k < 1 for k in self.block_sizes):
+            raise ConfigError("importance.block_sizes", f"{self.block_sizes} has a size < 1",
+                              "use positive block sizes")
+        if not (self.width or self.depth_cosine or self.depth_loss or self.block_sizes):
+            raise ConfigError("importance.width", "every score is switched off",
+                              "enable width, depth_cosine, depth_loss or block_sizes")

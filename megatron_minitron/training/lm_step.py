@@ -1,0 +1,44 @@
+"""The LM step: what one micro-batch contributes to the loss. The loop is shared; steps vary."""
+
+from contextlib import nullcontext
+from functools import partial
+from typing import Dict
+
+import torch
+
+
+def autocast_context(precision: str, device_type: str):
+    """bf16 autocast on CPU (megatron's own mixed precision handles bf16 on GPU)."""
+    if precision == "bf16" and device_type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of the masked per-token losses, with the token count, in megatron's 3-tuple form."""
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), num_tokens.detach().float()])
+    return loss, num_tokens, {"lm_loss": report}
+
+
+def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+class LMStep:
+    """Next-token cross entropy. `forward_step` is megatron's forward_step_func contract."""
+
+    loss_names = ("lm_loss",)
+
+    def __init__(self, precision: str = "fp32", device: torch.device = torch.device("cpu")):
+        self.precision = precision
+        self.device = device
+
+    def forward_step(self, data_iterator, model):
+        batch = to_device(next(data_iterator), self.device)
+        with autocast_context(self.precision, self.device.type):
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(masked_token_loss, batch["loss_mask"])

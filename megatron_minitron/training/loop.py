@@ -1,0 +1,148 @@
+"""The one training loop. Pretraining, teacher correction and distillation differ only in the
+step object (LMStep, KDStep) that turns a micro-batch into a loss."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.checkpoint import dist as ckpt
+from megatron_minitron.config.schema import MinitronConfig
+from megatron_minitron.runtime.distributed import ParallelContext
+from megatron_minitron.runtime.signals import PreemptionFlag, Requeue
+from megatron_minitron.training.metrics import MetricsWriter
+from megatron_minitron.training.progress import Progress
+
+
+class DataSource(Protocol):
+    def train_iterator(self, consumed_samples: int) -> Iterator[Dict[str, torch.Tensor]]: ...
+
+    def valid_iterator(self) -> Iterator[Dict[str, torch.Tensor]]: ...
+
+
+class Step(Protocol):
+    loss_names: tuple
+
+    def forward_step(self, data_iterator, model): ...
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    consumed_samples: int = 0
+    last_losses: Dict[str, float] = field(default_factory=dict)
+    last_valid: Dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: MinitronConfig, ctx: ParallelContext, chunks: List[torch.nn.Module],
+                 step: Step, optimizer, scheduler, data: DataSource, writer: MetricsWriter,
+                 make_header: Callable[[LoopState], ckpt.CheckpointHeader],
+                 extra_modules: Optional[List[torch.nn.Module]] = None):
+        self.cfg, self.ctx, self.chunks, self.step = cfg, ctx, chunks, step
+        self.optimizer, self.scheduler, self.data, self.writer = optimizer, scheduler, data, writer
+        self.make_header = make_header
+        self.num_microbatches = cfg.train.num_microbatches(ctx.dp_size)
+
+    @property
+    def checkpoint_root(self) -> str:
+        return self.cfg.checkpoint.save or f"{self.cfg.run.dir}/checkpoints"
+
+    def _iterators(self, make: Callable[[], Iterator]):
+        its = [make() for _ in self.chunks]
+        return its[0] if len(its) == 1 else its
+
+    def _schedule(self, data_iterator, forward_only: bool, num_microbatches: int):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=self.step.forward_step, data_iterator=data_iterator,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=num_microbatches, seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+
+    def _reduce(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Token-weighted means over micro-batches and DP ranks, known on every rank."""
+        names = self.step.loss_names
+        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=self.ctx.device)
+        for r in reports:
+            for i, n in enumerate(names):
+                if n in r:
+                    totals[i] += r[n].to(torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals, group=self.ctx.dp_cp_group)
+            dist.all_reduce(totals, group=self.ctx.pp_group)  # only the last stage is non-zero
+        return {n: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, n in enumerate(names)}
+
+    def train_step(self, data_iterator) -> Dict[str, float]:
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for c in self.chunks:
+            c.train()
+        reports = self._schedule(data_iterator, False, self.num_microbatches)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.train.global_batch_size)
+        out = self._reduce(reports)
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        for c in self.chunks:
+            c.eval()
+        it = self._iterators(self.data.valid_iterator)
+        per_step = self.cfg.train.global_batch_size // (self.cfg.train.micro_batch_size *
+                                                         self.ctx.dp_size)
+        reports = self._schedule(it, True, self.cfg.train.eval_iters * per_step)
+        return {f"valid_{k}": v for k, v in self._reduce(reports).items()}
+
+    def save(self, state: LoopState) -> None:
+        ckpt.save(self.checkpoint_root, state.step, self.chunks, self.make_header(state),
+                  optimizer=self.optimizer, scheduler=self.scheduler,
+                  keep_last=self.cfg.checkpoint.keep_last, ctx=self.ctx)
+
+    def run(self, state: LoopState) -> LoopState:
+        t = self.cfg.train
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
+        preempt = PreemptionFlag()
+        progress = Progress(t.train_iters, state.step, self.ctx.is_logging_rank and
+                            self.cfg.logger.progress_bar)
+        it = self._iterators(lambda: self.data.train_iterator(state.consumed_samples))
+        ran = 0
+        try:
+            while state.step < t.train_iters:
+                start = time.perf_counter()
+                losses = self.train_step(it)
+                state.step += 1
+                ran += 1
+                state.consumed_samples += t.global_batch_size
+                losses["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+                losses["consumed_tokens"] = state.consumed_samples * self.cfg.data.seq_length
+                state.last_losses = losses
+                if t.eval_interval and state.step % t.eval_interval == 0 \
+                        and state.step < t.train_iters:
+                    state.last_valid = self.evaluate()
+                    losses.update(state.last_valid)
+                if state.step % t.log_interval == 0 or state.step == t.train_iters:
+                    self.writer.log(state.step, losses)
+                progress.update(state.step, {k: losses[k] for k in self.step.loss_names})
+                interval = self.cfg.checkpoint.save_interval
+                if interval and state.step % interval == 0 and state.step < t.train_iters:
+                    self.save(state)
+                if preempt.agreed(self.ctx.device):
+                    self.save(state)
+                    raise Requeue(f"saved step {state.step} to {self.checkpoint_root}")
+                if t.exit_after_iters and ran >= t.exit_after_iters and \
+                        state.step < t.train_iters:
+                    self.save(state)
+                    return state
+            state.last_valid = self.evaluate()
+            self.writer.log(state.step, state.last_valid)
+            self.save(state)
+        finally:
+            progress.close()
+        return state

@@ -1,0 +1,57 @@
+"""Megatron-core DDP, optimizer and LR schedule for a list of model chunks."""
+
+from typing import List, Tuple
+
+import torch
+
+from megatron_minitron.config.train import OptimizerConfig, TrainConfig
+
+
+def wrap_ddp(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    """megatron-core DistributedDataParallel (fp32 grad buffers, one bucket per chunk)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    return [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+                                    disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+
+
+def build_optimizer(chunks: List[torch.nn.Module], cfg: OptimizerConfig, train: TrainConfig):
+    """(optimizer, scheduler). Chunks must be DDP-wrapped (wrap_ddp)."""
+    from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    tcfg = chunks[0].config
+    mcfg = McoreOptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, bf16=tcfg.bf16, params_dtype=tcfg.params_dtype,
+        use_distributed_optimizer=False)
+    optimizer = get_megatron_optimizer(mcfg, chunks)
+    samples = train.train_iters * train.global_batch_size
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters * train.global_batch_size,
+        lr_decay_steps=max(samples, 1), lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(samples, 1),
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def attach_schedule_hooks(chunks: List[torch.nn.Module], optimizer) -> None:
+    """What megatron's pipeline schedules read from the model config to finish a step."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = chunks[0].config
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [c.no_sync for c in chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+
+
+def trainable_parameters(chunks: List[torch.nn.Module]) -> Tuple[int, int]:
+    n = sum(p.numel() for c in chunks for p in c.parameters())
+    t = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    return n, t

@@ -1,0 +1,84 @@
+"""Assemble a training run: which weights to start from, the model, optimizer and data."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from megatron_minitron.checkpoint import dist as ckpt
+from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.model import ModelConfig
+from megatron_minitron.config.schema import MinitronConfig
+from megatron_minitron.models.builder import build_model
+from megatron_minitron.runtime.distributed import ParallelContext
+from megatron_minitron.training.loop import DataSource, LoopState, Step, Trainer
+from megatron_minitron.training.metrics import MetricsWriter
+from megatron_minitron.training.optimizer import attach_schedule_hooks, build_optimizer, wrap_ddp
+
+
+@dataclass
+class StartPoint:
+    """Where weights come from: a resumable run of ours, a checkpoint to fine-tune, or nothing."""
+
+    resume: Optional[str] = None
+    init: Optional[str] = None
+    header: Optional[ckpt.CheckpointHeader] = None
+
+
+def checkpoint_root(cfg: MinitronConfig) -> str:
+    return cfg.checkpoint.save or f"{cfg.run.dir}/checkpoints"
+
+
+def find_start(cfg: MinitronConfig) -> StartPoint:
+    """Resuming this run's own checkpoints wins over checkpoint.load."""
+    own = ckpt.resolve(checkpoint_root(cfg))
+    if own is not None:
+        return StartPoint(resume=str(own), header=ckpt.read_header(str(own)))
+    if cfg.checkpoint.load:
+        return StartPoint(init=cfg.checkpoint.load, header=ckpt.read_header(cfg.checkpoint.load))
+    return StartPoint()
+
+
+def adopt_model_config(cfg: MinitronConfig, start: StartPoint, model_overridden: bool
+                       ) -> MinitronConfig:
+    """A checkpoint carries its architecture. An explicit, different one on the command line is
+    a mistake we report instead of loading mismatched weights."""
+    if start.header is None:
+        return cfg
+    saved = start.header.model
+    if model_overridden and saved != cfg.model:
+        diff = [f.name for f in dataclasses.fields(ModelConfig)
+                if getattr(saved, f.name) != getattr(cfg.model, f.name)]
+        raise ConfigError(f"model.{diff[0]}",
+                          f"the checkpoint {start.resume or start.init} was saved with "
+                          f"{diff[0]}={getattr(saved, diff[0])!r}, the config says "
+                          f"{getattr(cfg.model, diff[0])!r}",
+                          "drop the model overrides; checkpoints carry their own architecture")
+    new = dataclasses.replace(cfg, model=saved)
+    new.validate_layout()
+    return new
+
+
+def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
+                  make_step: Callable[[list], Step], data: DataSource, tokenizer_info: dict,
+                  config_dict: Optional[dict] = None) -> "tuple[Trainer, LoopState]":
+    """Model chunks (DDP), optimizer, schedule and state, loaded from `start`."""
+    chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device))
+    optimizer, scheduler = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
+    attach_schedule_hooks(chunks, optimizer)
+    state = LoopState()
+    if start.resume:
+        h = ckpt.load(start.resume, chunks, optimizer=optimizer, scheduler=scheduler, ctx=ctx)
+        state = LoopState(step=h.step, consumed_samples=h.consumed_samples)
+    elif start.init:
+        ckpt.load(start.init, chunks, ctx=ctx)
+    writer = MetricsWriter(cfg.run.dir, cfg.logger, ctx.rank == 0, config_dict,
+                           resume_step=state.step)
+
+    def make_header(s: LoopState) -> ckpt.CheckpointHeader:
+        return ckpt.CheckpointHeader(model=cfg.model, tokenizer=tokenizer_info, step=s.step,
+                                     consumed_samples=s.consumed_samples)
+
+    trainer = Trainer(cfg, ctx, chunks, make_step(chunks), optimizer, scheduler, data, writer,
+                      make_header)
+    return trainer, state
+
