@@ -24,7 +24,7 @@ def _train(run_dir, overrides):
     cfg = adopt_model_config(cfg, start, model_overridden=False)
     data = SyntheticSource(cfg.data.seq_length, cfg.model.vocab_size, cfg.train.micro_batch_size,
                            ctx.dp_rank, ctx.dp_size)
-    trainer, state = build_trainer(cfg, ctx, start, lambda chunks: LMStep("fp32", ctx.device),
+    trainer, state = build_trainer(cfg, ctx, start, lambda chunks: LMStep(ctx.device),
                                    data, {"type": "byte"})
     trainer.run(state)
     trainer.writer.close()
@@ -62,3 +62,14 @@ def test_resume_continues_the_same_curve(tmp_path):
     assert [s for s, _ in resumed] == list(range(1, 7))
     for (s1, l1), (s2, l2) in zip(full, resumed):
         assert l1 == l2, s1
+
+
+def test_bf16_tracks_fp32(tmp_path):
+    init = tmp_path / "init"
+    run_distributed(_train, 1, str(init), ["train.train_iters=1"])
+    load = [f"checkpoint.load={init}/checkpoints", "train.train_iters=3"]
+    fp32 = run_distributed(_train, 1, str(tmp_path / "fp32"), load)[0]
+    bf16 = run_distributed(_train, 1, str(tmp_path / "bf16"), load + ["runtime.precision=bf16"])[0]
+    for (_, a), (_, b) in zip(fp32, bf16):
+        assert b == pytest.approx(a, rel=2e-2)
+    assert fp32 != bf16  # bf16 really ran in bf16

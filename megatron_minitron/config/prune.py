@@ -8,7 +8,8 @@ from megatron_minitron.config.errors import ConfigError
 HEAD_MODES = ("heads", "groups")
 DEPTH_MODES = ("score", "block", "list")
 DEPTH_METRICS = ("loss", "cosine")
-AXES = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers")
+AXES = ("num_query_groups", "num_attention_heads", "hidden_size", "ffn_hidden_size", "num_layers")
+"""Target axes in dependency order: validity of each may depend on the ones before it."""
 
 
 @dataclass

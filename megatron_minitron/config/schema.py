@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from megatron_minitron.config.data import DataConfig
+from megatron_minitron.config.data import DataConfig, PreprocessConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
 from megatron_minitron.config.train import CheckpointConfig, LoggerConfig, TrainConfig
@@ -36,6 +36,8 @@ class MinitronConfig:
     """Checkpoint save/load."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Logging."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """`minitron data`: text/JSONL -> indexed dataset."""
 
     def __post_init__(self):
         self.validate_layout()

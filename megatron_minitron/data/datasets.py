@@ -6,8 +6,12 @@ its index files when torch.distributed is initialised (rank 0 first, a world bar
 rest); without a process group it simply builds.
 """
 
+import contextlib
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from unittest import mock
+
+import torch.distributed as dist
 
 from megatron_minitron.config.data import DataConfig
 from megatron_minitron.config.errors import ConfigError
@@ -122,4 +126,16 @@ def build_datasets(data: DataConfig, tokenizer: Tokenizer, num_samples: Sequence
     config = gpt_dataset_config(data, prefixes, tokenizer, seed)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [int(n) for n in num_samples],
                                             lambda: True, config)
-    return builder.build()
+    with _single_process_rank():
+        return builder.build()
+
+
+@contextlib.contextmanager
+def _single_process_rank() -> Iterator[None]:
+    """megatron-core 0.16's BlendedDataset asks torch.distributed.get_rank() without checking
+    that a process group exists (GPTDataset checks); without one, this process is rank 0."""
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    with mock.patch.object(dist, "get_rank", lambda group=None: 0):
+        yield

@@ -83,6 +83,23 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Tokenizer,
     out = Path(output_prefix).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        docs, tokens = _write(files, tmp, tokenizer, json_key, append_eod, progress)
+    except BaseException:
+        for suffix in (".bin", ".idx"):
+            if os.path.exists(tmp + suffix):
+                os.remove(tmp + suffix)
+        raise
+    os.replace(tmp + ".bin", f"{out}.bin")
+    os.replace(tmp + ".idx", f"{out}.idx")
+    stats = PreprocessStats(str(out), docs, tokens)
+    if progress:
+        print(f"wrote {out}.bin/.idx: {docs:,} documents, {tokens:,} tokens")
+    return stats
+
+
+def _write(files: List[Path], tmp: str, tokenizer: Tokenizer, json_key: str, append_eod: bool,
+           progress: bool) -> Tuple[int, int]:
     dtype = token_dtype(tokenizer.vocab_size)
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     docs = tokens = 0
@@ -100,16 +117,10 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Tokenizer,
                 tokens += len(ids)
     builder.finalize(tmp + ".idx")
     if docs == 0:
-        for suffix in (".bin", ".idx"):
-            os.remove(tmp + suffix)
-        raise ConfigError("preprocess.input", f"no non-empty documents in {list(inputs)}",
+        raise ConfigError("preprocess.input", f"no non-empty documents in "
+                          f"{[str(f) for f in files]}",
                           "check the files' contents (and preprocess.json_key for JSONL)")
-    os.replace(tmp + ".bin", f"{out}.bin")
-    os.replace(tmp + ".idx", f"{out}.idx")
-    stats = PreprocessStats(str(out), docs, tokens)
-    if progress:
-        print(f"wrote {out}.bin/.idx: {docs:,} documents, {tokens:,} tokens")
-    return stats
+    return docs, tokens
 
 
 class _progress:

@@ -8,7 +8,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_minitron.config.data import TokenizerConfig
 from megatron_minitron.config.errors import ConfigError
@@ -91,8 +91,16 @@ class ByteTokenizer(Tokenizer):
         return 256
 
 
+_DIGESTS: Dict[Tuple[str, float, int], str] = {}
+
+
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Cached per (path, mtime, size): megatron hashes the tokenizer into every dataset key."""
+    st = path.stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _DIGESTS[key]
 
 
 class SentencePieceTokenizer(Tokenizer):

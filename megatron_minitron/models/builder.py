@@ -22,9 +22,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: Ru
     """The megatron-core TransformerConfig for our ModelConfig under a parallel layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    # megatron-core's own bf16 (bf16 params, fp32 main grads) on GPU; on CPU, fp32 params and
-    # bf16 autocast in the step (training.precision), which is what makes CPU matmuls fast.
-    mcore_bf16 = runtime.precision == "bf16" and device_type == "cuda"
+    # megatron-core's own mixed precision on CPU and GPU alike: bf16 params and activations,
+    # fp32 main params and grads in the optimizer. (torch.autocast does not reach megatron's
+    # custom autograd linears on CPU: their custom_fwd is bound to device_type="cuda".)
+    mcore_bf16 = runtime.precision == "bf16"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -70,7 +71,8 @@ def layer_spec(model: ModelConfig, runtime: RuntimeConfig):
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
                 device: torch.device) -> List[torch.nn.Module]:
-    """The GPTModel chunks this rank owns (one per virtual pipeline stage)."""
+    """The GPTModel chunks this rank owns (one per virtual pipeline stage); in bf16 each is
+    wrapped in megatron's Float16Module (unwrap() reaches the GPTModel)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -96,7 +98,12 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
         )
         if model.rope_scaling is not None and model.position_embedding_type == "rope":
             _apply_llama3_rope_scaling(gpt, model)
-        chunks.append(gpt.to(device))
+        gpt = gpt.to(device)
+        if config.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            gpt = Float16Module(config, gpt)
+        chunks.append(gpt)
     return chunks
 
 

@@ -26,7 +26,7 @@ def train_lm(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:
         tok = resolve_tokenizer(cfg, start.header)
         data = build_source(cfg, ctx, tok)
         trainer, state = build_trainer(
-            cfg, ctx, start, lambda chunks: LMStep(cfg.runtime.precision, ctx.device), data,
+            cfg, ctx, start, lambda chunks: LMStep(ctx.device), data,
             tok.describe(), config_dict=None)
         state = trainer.run(state)
         trainer.writer.close()

@@ -1,17 +1,9 @@
 """The LM step: what one micro-batch contributes to the loss. The loop is shared; steps vary."""
 
-from contextlib import nullcontext
 from functools import partial
 from typing import Dict
 
 import torch
-
-
-def autocast_context(precision: str, device_type: str):
-    """bf16 autocast on CPU (megatron's own mixed precision handles bf16 on GPU)."""
-    if precision == "bf16" and device_type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -33,12 +25,10 @@ class LMStep:
 
     loss_names = ("lm_loss",)
 
-    def __init__(self, precision: str = "fp32", device: torch.device = torch.device("cpu")):
-        self.precision = precision
+    def __init__(self, device: torch.device = torch.device("cpu")):
         self.device = device
 
     def forward_step(self, data_iterator, model):
         batch = to_device(next(data_iterator), self.device)
-        with autocast_context(self.precision, self.device.type):
-            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(masked_token_loss, batch["loss_mask"])

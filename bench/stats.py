@@ -1,0 +1,26 @@
+"""Interleaved timing: noisy machines need ratios measured round by round in one process."""
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int = 1
+                ) -> Dict[str, List[float]]:
+    """Seconds per call of each fn, alternating fns within every round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def ratio_summary(num: List[float], den: List[float]) -> str:
+    """Median and range of per-round ratios num/den."""
+    r = [a / b for a, b in zip(num, den)]
+    return f"median {statistics.median(r):.3f} (range {min(r):.3f}-{max(r):.3f}, {len(r)} rounds)"

@@ -1,0 +1,156 @@
+"""Logit distillation loss on megatron-core's vocab-parallel logits, chunked over tokens.
+
+Logits arrive as GPTModel produces them: `[s, b, v/tp]`, each TP rank holding its contiguous
+slice of the (padded) vocabulary. The loss is computed chunk by chunk along tokens; each chunk is
+upcast to fp32, its loss and its gradient with respect to the student logits are computed right
+away (divergences.py) and the gradient is written into one buffer of the student logits' dtype.
+Nothing else is kept for backward, so the extra memory is that buffer plus a few
+`token_chunk_size x v/tp` fp32 temporaries, instead of several fp32 copies of all the logits.
+
+Padded vocabulary columns (ids >= real_vocab_size) are dropped on both sides, which is the same
+as setting them to -inf: they get no probability and zero gradient.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.distill import divergences
+from megatron_minitron.distill.vocab_parallel import group_rank_size, real_columns, vocab_range
+
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class LogitLoss:
+    """What `logit_distillation_loss` returns."""
+
+    loss: torch.Tensor
+    """Differentiable fp32 scalar: kd_weight * kd + ce_weight * ce."""
+    kd: torch.Tensor
+    """Detached distillation term (times temperature**2 when so configured), same reduction."""
+    ce: Optional[torch.Tensor]
+    """Detached student cross entropy (same reduction); None when ce_weight is 0."""
+    num_tokens: torch.Tensor
+    """Number of tokens with a non-zero loss mask (int scalar), for megatron's per-token sums."""
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    """Loss forward with the gradient computed chunk by chunk; backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weights, labels, cfg: DistillConfig, real_vocab_size,
+                group):
+        tp_rank, _ = group_rank_size(group)
+        v = student.shape[-1]
+        nr = real_columns(tp_rank, v, real_vocab_size)
+        vocab_start, _ = vocab_range(tp_rank, v)
+        s_flat = student.reshape(-1, v)  # [s, b, v/tp] -> [s*b, v/tp]
+        t_flat = teacher.reshape(-1, teacher.shape[-1])
+        grad = torch.empty_like(s_flat)
+        grad[:, nr:] = 0
+        temp = cfg.temperature
+        kd_scale = temp * temp if cfg.scale_by_temperature_squared else 1.0
+        kd_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+        ce_sum = torch.zeros_like(kd_sum)
+        for start in range(0, s_flat.shape[0], cfg.token_chunk_size):
+            rows = slice(start, start + cfg.token_chunk_size)
+            w = weights[rows]  # [c] mask / normalizer
+            s = s_flat[rows, :nr].to(torch.float32, copy=True).div_(temp)
+            t = t_flat[rows, :nr].to(torch.float32, copy=True).div_(temp)
+            per_token, g = _divergence(cfg, s, t, vocab_start, group)
+            del s, t
+            kd_sum += (per_token * w).sum() * kd_scale
+            g.mul_((w * (cfg.kd_weight * kd_scale / temp)).unsqueeze(-1))
+            if cfg.ce_weight > 0:
+                x = s_flat[rows, :nr].to(torch.float32, copy=True)
+                per_token, g_ce = divergences.cross_entropy(x, labels[rows], vocab_start, group)
+                ce_sum += (per_token * w).sum()
+                g.add_(g_ce.mul_((w * cfg.ce_weight).unsqueeze(-1)))
+                del x, g_ce
+            grad[rows, :nr] = g
+            del g
+        ctx.grad = grad.view(student.shape)
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("the chunked logit loss supports one backward pass only "
+                               "(its gradient buffer is consumed in place)")
+        ctx.grad = None
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None, None, None
+
+
+def _divergence(cfg: DistillConfig, s, t, vocab_start: int, group):
+    if cfg.logit_loss == "forward_kl":
+        return divergences.forward_kl(s, t, group)
+    if cfg.logit_loss == "reverse_kl":
+        return divergences.reverse_kl(s, t, group)
+    if cfg.logit_loss == "jsd":
+        return divergences.jsd(s, t, group, cfg.jsd_beta)
+    return divergences.topk_kl(s, t, group, cfg.top_k, vocab_start)
+
+
+def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            cfg: DistillConfig, loss_mask: Optional[torch.Tensor] = None,
+                            labels: Optional[torch.Tensor] = None,
+                            real_vocab_size: Optional[int] = None, tp_group=None,
+                            reduction: str = "sum") -> LogitLoss:
+    """Distillation (+ optional cross entropy) loss of vocab-parallel logits.
+
+    student_logits, teacher_logits: `[s, b, v/tp]` shards from GPTModel (labels=None so it
+    returns logits); any dtype, kept as is (chunks are upcast). The teacher gets no gradient.
+    loss_mask: `[b, s]` (megatron's batch layout, batch["loss_mask"]); None means all ones.
+    labels: `[b, s]` global token ids (batch["labels"]); needed when cfg.ce_weight > 0.
+    real_vocab_size: the tokenizer's vocabulary; larger ids are padding and are ignored.
+    tp_group: the tensor-parallel group (ParallelContext.tp_group); None for TP=1.
+    reduction: "sum" over masked tokens (megatron's loss_func contract, with num_tokens) or
+    "mean" over masked tokens.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r}: use one of {REDUCTIONS}")
+    s_len, b, v = student_logits.shape
+    tp_rank, tp_size = group_rank_size(tp_group)
+    if teacher_logits.shape[:2] != (s_len, b):
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} cover different tokens")
+    if teacher_logits.shape[-1] != v:
+        if tp_size > 1 or real_vocab_size is None or real_vocab_size > min(
+                v, teacher_logits.shape[-1]):
+            raise ValueError(
+                f"teacher vocab shard {teacher_logits.shape[-1]} != student shard {v}: give "
+                "teacher and student the same padded vocabulary (make_vocab_size_divisible_by)"
+                ", or at TP=1 pass real_vocab_size so both are cut to the real vocabulary")
+        # TP=1: cut both to the real vocabulary; the slice gives the padding zero gradient
+        student_logits = student_logits[..., :real_vocab_size]
+        teacher_logits = teacher_logits[..., :real_vocab_size]
+    if real_columns(tp_rank, student_logits.shape[-1], real_vocab_size) < 1:
+        raise ValueError(f"TP rank {tp_rank} holds only vocabulary padding (real_vocab_size "
+                         f"{real_vocab_size}): use less padding or a smaller TP")
+    mask = torch.ones(s_len, b, device=student_logits.device) if loss_mask is None else (
+        _sequence_first(loss_mask, s_len, b).float())
+    num_tokens = (mask != 0).sum()
+    weights = mask.reshape(-1)
+    if reduction == "mean":
+        weights = weights / mask.sum().clamp(min=1.0)
+    if cfg.ce_weight > 0:
+        if labels is None:
+            raise ValueError("cfg.ce_weight > 0 needs labels")
+        labels = _sequence_first(labels, s_len, b).reshape(-1)
+    loss, kd, ce = _ChunkedLogitLoss.apply(student_logits, teacher_logits.detach(), weights,
+                                           labels, cfg, real_vocab_size, tp_group)
+    return LogitLoss(loss=loss, kd=kd, ce=ce if cfg.ce_weight > 0 else None,
+                     num_tokens=num_tokens)
+
+
+def _sequence_first(x: torch.Tensor, s_len: int, b: int) -> torch.Tensor:
+    """megatron batches are [b, s]; logits are [s, b]."""
+    if x.shape != (b, s_len):
+        raise ValueError(f"mask/labels shape {tuple(x.shape)}: expected megatron's [b, s] = "
+                         f"{(b, s_len)}")
+    return x.transpose(0, 1).contiguous()  # [b, s] -> [s, b]

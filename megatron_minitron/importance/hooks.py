@@ -1,0 +1,126 @@
+"""Forward hooks that turn this rank's activations into width statistics (see aggregation.py).
+
+Where each score is read, in megatron-core module names:
+  MLP neurons      input of mlp.linear_fc2 (after the activation / GLU), per channel;
+  attention heads  input of self_attention.linear_proj, L2 over kv_channels per head;
+  channels         output of input_layernorm, pre_mlp_layernorm and decoder.final_layernorm.
+With the Transformer-Engine spec the two per-layer norms are fused into linear_qkv / linear_fc1
+(TELayerNormColumnParallelLinear, input_layernorm is an IdentityOp) and their output is never
+materialised; we then hook the fused linear's input and recompute the normalised activation
+from its layer_norm_weight/bias (`normalised`), so both specs give the same statistic.
+ColumnParallel shards are contiguous blocks of neurons / query groups, so TP rank r owns global
+columns [r * local, (r + 1) * local).
+"""
+
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.model import ModelConfig
+from megatron_minitron.importance.aggregation import Stats, accumulate, head_norms, reduce_sequence
+
+
+def first_input(args, kwargs) -> torch.Tensor:
+    """The activation a linear layer is called with (positional in megatron-core and TE)."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def normalised(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+               normalization: str, zero_centered_gamma: bool = False) -> torch.Tensor:
+    """The output of a norm recomputed from its parameters (for norms fused into a linear)."""
+    x, w = x.float(), weight.float()
+    if zero_centered_gamma:
+        w = w + 1.0
+    if normalization == "RMSNorm":
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * w
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def fused_norm_output(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Normalised activation of a TE LayerNorm*Linear from its input."""
+    return normalised(x, linear.layer_norm_weight, getattr(linear, "layer_norm_bias", None),
+                      float(linear.eps), linear.normalization,
+                      bool(getattr(linear, "zero_centered_gamma", False)))
+
+
+def is_fused_norm(linear: torch.nn.Module) -> bool:
+    return hasattr(linear, "layer_norm_weight")
+
+
+def transformer_layers(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    """This rank's TransformerLayers over all model chunks (layer_number is global, 1-based)."""
+    from megatron_minitron.models.builder import unwrap
+
+    return [layer for c in chunks for layer in unwrap(c).decoder.layers]
+
+
+def final_norms(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    from megatron_minitron.models.builder import unwrap
+
+    norms = [getattr(unwrap(c).decoder, "final_layernorm", None) for c in chunks]
+    return [n for n in norms if n is not None]
+
+
+class WidthHooks:
+    """Context manager: while active, forward passes add to `stats` (global-shaped, fp32)."""
+
+    def __init__(self, chunks: List[torch.nn.Module], model: ModelConfig, stats: Stats,
+                 seq_aggregation: str, tp_rank: int, tp_size: int):
+        self.chunks, self.model, self.stats = chunks, model, stats
+        self.how, self.tp_rank, self.tp_size = seq_aggregation, tp_rank, tp_size
+        self.handles: list = []
+
+    def _pre(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
+        hook = lambda m, args, kwargs: fn(first_input(args, kwargs))  # noqa: E731
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _post(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
+        hook = lambda m, args, out: fn(out[0] if isinstance(out, tuple) else out)  # noqa: E731
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _norm_site(self, norm: torch.nn.Module, fused_into: torch.nn.Module, row: int) -> None:
+        """Channel statistics of one norm's output; TP ranks see the same, rank 0 keeps it."""
+        if self.tp_rank != 0:
+            return
+        add = lambda y: accumulate(self.stats, "norm", row, 0, reduce_sequence(y, self.how))  # noqa: E731
+        if is_fused_norm(fused_into):
+            self._pre(fused_into, lambda x: add(fused_norm_output(fused_into, x)))
+        else:
+            self._post(norm, add)
+
+    def _neurons(self, row: int, x: torch.Tensor) -> None:
+        # [s, b, f/tp] -> [b, f/tp] at global columns of this TP shard
+        local = x.shape[-1]
+        accumulate(self.stats, "neuron", row, self.tp_rank * local, reduce_sequence(x, self.how))
+
+    def _heads(self, row: int, x: torch.Tensor) -> None:
+        # [s, b, np*hn] -> [s, b, np] -> [b, np] at global head indices of this TP shard
+        per_head = head_norms(x, self.model.kv_channels)
+        local = per_head.shape[-1]
+        accumulate(self.stats, "head", row, self.tp_rank * local,
+                   reduce_sequence(per_head, self.how))
+
+    def __enter__(self) -> "WidthHooks":
+        L = self.model.num_layers
+        for layer in transformer_layers(self.chunks):
+            i = layer.layer_number - 1
+            mlp, attn = layer.mlp, layer.self_attention
+            if not hasattr(mlp, "linear_fc2"):
+                raise ConfigError("model", f"layer {i + 1} has no dense MLP (mixture of experts?)",
+                                  "importance supports dense GPT layers only")
+            self._pre(mlp.linear_fc2, lambda x, i=i: self._neurons(i, x))
+            self._pre(attn.linear_proj, lambda x, i=i: self._heads(i, x))
+            self._norm_site(layer.input_layernorm, attn.linear_qkv, 2 * i)
+            self._norm_site(layer.pre_mlp_layernorm, mlp.linear_fc1, 2 * i + 1)
+        for norm in final_norms(self.chunks):
+            self._norm_site(norm, norm, 2 * L)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False

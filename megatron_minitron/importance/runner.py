@@ -1,0 +1,157 @@
+"""Forward-only passes over calibration batches under any TP/PP/DP layout, and the scores.
+
+Every rank ends with the same global scores: statistics are global-shaped with zeros where a
+rank owns nothing (aggregation.py), so one sum over the TP, PP and DP groups (`all_reduce_sum`,
+the only communication here) assembles them; sample aggregation happens after it.
+"""
+
+import dataclasses
+from contextlib import ExitStack
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.importance import ImportanceConfig
+from megatron_minitron.config.model import ModelConfig
+from megatron_minitron.importance import aggregation as agg
+from megatron_minitron.importance.depth import CosineHooks, blocks, skip_layers
+from megatron_minitron.importance.hooks import WidthHooks
+from megatron_minitron.importance.scores import Scores, ScoresHeader, model_config_hash
+
+Batch = Dict[str, torch.Tensor]
+MakeBatches = Callable[[], Iterable[Batch]]
+"""Returns a fresh iterable of this DP rank's calibration micro-batches: tokens, labels,
+position_ids (int64 [b, s]) and loss_mask (float [b, s]); every call yields the same batches."""
+
+
+def all_reduce_sum(tensors: Iterable[torch.Tensor], ctx) -> None:
+    """Sum in place over the TP, PP and DP groups: the whole grid of ranks."""
+    if ctx is None or ctx.world_size == 1:
+        return
+    for t in tensors:
+        for group in (ctx.tp_group, ctx.pp_group, ctx.dp_group):
+            dist.all_reduce(t, group=group)
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    # [b, s] per-token losses -> masked sum, token count (megatron's 3-tuple form)
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    report = torch.stack([total.detach().clone(), mask.sum().detach()])
+    return total, mask.sum().to(torch.int), {"lm_loss": report}
+
+
+def _forward_step(device: torch.device, data_iterator, model):
+    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _counting(batches: List[Batch], stats: Optional[agg.Stats]):
+    for b in batches:
+        if stats is not None:
+            stats["samples"] += b["tokens"].shape[0]
+        yield b
+
+
+def forward_pass(chunks: List[torch.nn.Module], make_batches: MakeBatches, ctx,
+                 stats: Optional[agg.Stats] = None) -> torch.Tensor:
+    """One forward-only pass through megatron's schedule (any PP/VPP). Returns this rank's
+    [masked loss sum, token count] in fp64: nonzero on last-stage TP rank 0 only. Counts
+    samples into stats["samples"] on first-stage TP rank 0."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = list(make_batches())
+    if not batches:
+        raise ConfigError("importance.num_samples", "this rank got no calibration batches",
+                          "use at least micro_batch_size x data-parallel size samples")
+    b, s = batches[0]["tokens"].shape
+    owner = stats if (ctx.tp_rank == 0 and ctx.pp_rank == 0) else None
+    # VPP: one iterator per chunk; only the first counts samples
+    iters = [_counting(batches, owner if i == 0 else None) for i in range(len(chunks))]
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, ctx.device),
+            data_iterator=iters if len(chunks) > 1 else iters[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches), seq_length=s, micro_batch_size=b,
+            forward_only=True)
+    local = torch.zeros(2, dtype=torch.float64)
+    if ctx.is_last_stage and ctx.tp_rank == 0:
+        for report in out:
+            local += report["lm_loss"].double().cpu()
+    return local
+
+
+def mean_loss(chunks, make_batches: MakeBatches, ctx, skip: Iterable[int] = ()) -> float:
+    """Global mean LM loss over the calibration tokens with the given layers skipped."""
+    with skip_layers(chunks, skip):
+        total = forward_pass(chunks, make_batches, ctx)
+    all_reduce_sum([total], ctx)
+    return float(total[0] / total[1].clamp_min(1.0))
+
+
+def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: ImportanceConfig,
+                       make_batches: MakeBatches, ctx,
+                       data: Optional[Dict[str, Any]] = None) -> Scores:
+    """All enabled scores of the model in `chunks`, identical on every rank."""
+    from megatron_minitron.models.builder import unwrap
+
+    if getattr(unwrap(chunks[0]).config, "sequence_parallel", False):
+        raise ConfigError("parallel.sequence_parallel", "importance needs each sample's full "
+                          "sequence on every TP rank", "set parallel.sequence_parallel=false")
+    for c in chunks:
+        c.eval()
+    stats = agg.new_stats(model)
+    with ExitStack() as hooks:
+        if cfg.width:
+            hooks.enter_context(WidthHooks(chunks, model, stats, cfg.seq_aggregation,
+                                           ctx.tp_rank, ctx.tp_size))
+        if cfg.depth_cosine:
+            hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank))
+        base = forward_pass(chunks, make_batches, ctx, stats)
+    all_reduce_sum([base, *stats.values()], ctx)
+    base_loss = float(base[0] / base[1].clamp_min(1.0))
+
+    tensors: Dict[str, torch.Tensor] = {}
+    if cfg.width:
+        tensors.update(agg.width_scores(stats, model, cfg.sample_aggregation))
+    if cfg.depth_cosine:
+        tensors["layers.cosine"] = agg.cosine_scores(stats)
+    if cfg.depth_loss:
+        tensors["layers.loss"] = torch.tensor(
+            [mean_loss(chunks, make_batches, ctx, [n]) - base_loss
+             for n in range(1, model.num_layers + 1)])
+    sizes = sorted(set(k for k in cfg.block_sizes if k <= model.num_layers))
+    for k in sizes:
+        tensors[f"blocks.loss.k{k}"] = torch.tensor(
+            [mean_loss(chunks, make_batches, ctx, block) - base_loss
+             for block in blocks(model.num_layers, k)])
+    header = ScoresHeader(
+        model_config_hash=model_config_hash(model), model=dataclasses.asdict(model),
+        num_samples=int(stats["samples"]), seq_aggregation=cfg.seq_aggregation,
+        sample_aggregation=cfg.sample_aggregation, data=dict(data or {}), base_loss=base_loss,
+        block_sizes=sizes, layout={"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size})
+    return Scores(tensors, header)
+
+
+def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: MakeBatches, ctx,
+                     parallel, runtime, output: Optional[str] = None,
+                     data: Optional[Dict[str, Any]] = None) -> Scores:
+    """Build the checkpoint's model for this layout, load it, score it; rank 0 writes `output`."""
+    from megatron_minitron.checkpoint.dist import load, read_header
+    from megatron_minitron.importance.scores import save_scores
+    from megatron_minitron.models.builder import build_model
+
+    model = read_header(checkpoint).model
+    chunks = build_model(model, parallel, runtime, ctx.device)
+    load(checkpoint, chunks, ctx=ctx)
+    scores = compute_importance(chunks, model, cfg, make_batches, ctx, data)
+    if output is not None and ctx.rank == 0:
+        save_scores(output, scores)
+    if ctx.world_size > 1:
+        dist.barrier()
+    return scores
