@@ -195,6 +195,21 @@ def test_cross_entropy_term():
     torch.testing.assert_close(out.ce, ref)
 
 
+def test_batch_first_logits_from_gpt_model_forward():
+    s, t = make_logits(seed=14)
+    mask = (torch.rand(B, S, generator=torch.Generator().manual_seed(4)) > 0.3).float()
+    labels = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(5))
+    cfg = DistillConfig(ce_weight=0.3, token_chunk_size=4)
+    seq_first = s.clone().requires_grad_()
+    batch_first = s.transpose(0, 1).contiguous().requires_grad_()  # [s, b, v] -> [b, s, v]
+    a = logit_distillation_loss(seq_first, t, cfg, loss_mask=mask, labels=labels)
+    b = logit_distillation_loss(batch_first, t.transpose(0, 1).contiguous(), cfg,
+                                loss_mask=mask, labels=labels, batch_first=True)
+    (a.loss + b.loss).backward()
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(seq_first.grad, batch_first.grad.transpose(0, 1))
+
+
 def test_bf16_logits_keep_their_dtype():
     s, t = make_logits(seed=9)
     s16 = s.bfloat16().requires_grad_()
@@ -230,7 +245,8 @@ def _tp2_case_inputs(case):
         if case["mask"] else None
     labels = torch.randint(0, case["real"] or V, (B, S),
                            generator=torch.Generator().manual_seed(3))
-    cfg = DistillConfig(logit_loss=case["kind"], top_k=5, temperature=1.7, token_chunk_size=4,
+    # top_k 6 > the 5 real columns of rank 1 when padded: its candidates are padded with -inf
+    cfg = DistillConfig(logit_loss=case["kind"], top_k=6, temperature=1.7, token_chunk_size=4,
                         ce_weight=case["ce"], scale_by_temperature_squared=True)
     return s, t, mask, labels, cfg
 

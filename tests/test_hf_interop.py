@@ -215,6 +215,22 @@ def test_round_trip_hf_mcore_hf(converted, family, tmp_path):
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
 
 
+def test_sharded_safetensors_import(converted, tmp_path):
+    """model.safetensors.index.json + shards import to the same tensors as the single file."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = converted["llama"][0]
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(hf_dir).save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copy(hf_dir / "tokenizer.json", sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    ckpt = hf_to_mcore(str(sharded), str(tmp_path / "ckpt"))
+    out = mcore_to_hf(str(ckpt), str(tmp_path / "hf"), dtype="float32")
+    before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_hf_export_problem():
     ok = ModelConfig(hidden_size=64, num_attention_heads=4, num_query_groups=2)
     assert hf_export_problem(ok) is None
@@ -256,6 +272,14 @@ def test_bad_inputs_name_file_and_field(converted, tmp_path):
     with pytest.raises(ConfigError, match="int8") as e:
         hf_to_mcore(str(bad), str(tmp_path / "o3"))
     assert e.value.field.endswith(f"model.safetensors:{name}")
+
+    save_file(tensors, bad / "model.safetensors")
+    cfg_untied = dict(cfg, tie_word_embeddings=False)
+    (bad / "config.json").write_text(json.dumps(cfg_untied))
+    with pytest.raises(ConfigError, match="missing") as e:
+        hf_to_mcore(str(bad), str(tmp_path / "o3b"))
+    assert e.value.field.endswith(":lm_head.weight")
+    (bad / "config.json").write_text(json.dumps(cfg))
 
     shard = {k: "model-00001-of-00002.safetensors" for k in tensors}
     shard["model.norm.weight"] = "model-00002-of-00002.safetensors"

@@ -19,7 +19,11 @@ FAST = ["data.seq_length=64", "train.micro_batch_size=2", "train.global_batch_si
 
 
 def minitron(*args, **kw):
-    env = {**os.environ, "MINITRON_TRACEBACK": "0"}
+    # A single-process group made earlier in this pytest process leaves torchrun-style variables
+    # (MASTER_PORT...) in os.environ; a child must not inherit them.
+    dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["MINITRON_TRACEBACK"] = "0"
     return subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli.main", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             **kw)

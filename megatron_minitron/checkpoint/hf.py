@@ -135,7 +135,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, step: int = 0) -> Path:
                        for f in sorted(set(files.values()))}
             used = set()
             for tm in keymap.tensor_maps(cfg):
-                parts = [_read_tensor(name, files, handles, shape)
+                parts = [_read_tensor(src, name, files, handles, shape)
                          for name, shape in zip(tm.hf, keymap.hf_shapes(tm, cfg))]
                 with torch.no_grad():
                     params[tm.mcore].copy_(keymap.to_mcore(tm, parts, cfg))
@@ -152,9 +152,9 @@ def hf_to_mcore(hf_dir: str, out_dir: str, step: int = 0) -> Path:
         model.close()
 
 
-def _read_tensor(name: str, files: Dict[str, Path], handles, shape) -> torch.Tensor:
+def _read_tensor(src: Path, name: str, files: Dict[str, Path], handles, shape) -> torch.Tensor:
     if name not in files:
-        raise ConfigError(f"{name}", "tensor missing from the safetensors files",
+        raise ConfigError(f"{src}:{name}", "tensor missing from the safetensors files",
                           "check config.json (e.g. tie_word_embeddings) matches the weights")
     t = handles[files[name]].get_tensor(name)
     if not t.is_floating_point():

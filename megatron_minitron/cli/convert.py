@@ -1,27 +1,13 @@
 """`minitron convert convert.direction=hf_to_mcore convert.input=HF_DIR convert.output=CKPT`."""
 
-from dataclasses import dataclass, field
 from typing import List
 
-from omegaconf import OmegaConf
-
 from megatron_minitron.config.convert import ConvertConfig
-from megatron_minitron.config.loader import compose, override_list, to_typed
-
-
-@dataclass
-class _ConvertSection:
-    """Until MinitronConfig has a `convert` section, its overrides are parsed here."""
-
-    convert: ConvertConfig = field(default_factory=ConvertConfig)
-    """The conversion."""
+from megatron_minitron.config.loader import load_config, override_list
 
 
 def load_convert_config(overrides: List[str]) -> ConvertConfig:
-    overrides = override_list(overrides)
-    ours = [o for o in overrides if o.lstrip("+").startswith("convert.")]
-    compose([o for o in overrides if o not in ours])  # the rest must still be valid overrides
-    return to_typed(OmegaConf.from_dotlist([o.lstrip("+") for o in ours]), _ConvertSection).convert
+    return load_config(override_list(overrides)).convert
 
 
 def main(overrides: List[str]) -> None:

@@ -2,7 +2,9 @@
 
 from dataclasses import dataclass, field
 
+from megatron_minitron.config.convert import ConvertConfig
 from megatron_minitron.config.data import DataConfig, PreprocessConfig
+from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
 from megatron_minitron.config.train import CheckpointConfig, LoggerConfig, TrainConfig
@@ -38,6 +40,10 @@ class MinitronConfig:
     """Logging."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """`minitron data`: text/JSONL -> indexed dataset."""
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    """`minitron convert`: Hugging Face <-> megatron checkpoints."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """`minitron distill`: the teacher and the distillation losses."""
 
     def __post_init__(self):
         self.validate_layout()

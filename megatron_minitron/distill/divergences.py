@@ -6,8 +6,8 @@ returns `(per_token_loss [c], grad [c, v_real/tp])`: the loss of each token and 
 respect to the scaled student logits. Softmaxes are vocab-parallel: the max is all-reduced (MAX),
 the sum of exps and the per-token divergence partials are all-reduced (SUM), so the full
 vocabulary is never gathered on a rank. `vocab_start` is the global id of the shard's first
-column (tp_rank * v/tp: padding cut from the end of a shard does not move it). Derivations of the gradients are in the docstrings; the
-tests check them against autograd on float64 references.
+column (tp_rank * v/tp: padding cut from the end of a shard does not move it). The gradients
+are derived in the docstrings; the tests check them against autograd on float64 references.
 """
 
 import math
@@ -29,8 +29,11 @@ def logsumexp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def log_softmax_(x: torch.Tensor, group) -> torch.Tensor:
-    """In-place vocab-parallel log-softmax over the last dim."""
-    return x.sub_(logsumexp(x, group).unsqueeze(-1))
+    """In-place vocab-parallel log-softmax over the last dim (one [c, v/tp] temporary)."""
+    m = all_reduce_max_(x.amax(dim=-1), group)  # [c]; x has >= 1 real column on every rank
+    x.sub_(m.unsqueeze(-1))
+    se = all_reduce_sum_(x.exp().sum(dim=-1), group)
+    return x.sub_(se.log_().unsqueeze(-1))
 
 
 def forward_kl(s: torch.Tensor, t: torch.Tensor, group):

@@ -1,8 +1,9 @@
 """Logit distillation loss on megatron-core's vocab-parallel logits, chunked over tokens.
 
-Logits arrive as GPTModel produces them: `[s, b, v/tp]`, each TP rank holding its contiguous
-slice of the (padded) vocabulary. The loss is computed chunk by chunk along tokens; each chunk is
-upcast to fp32, its loss and its gradient with respect to the student logits are computed right
+Logits arrive as megatron-core's output layer produces them: `[s, b, v/tp]` (or `[b, s, v/tp]`
+as GPTModel.forward(labels=None) returns them: pass batch_first=True), each TP rank holding its
+contiguous slice of the (padded) vocabulary. The loss is computed chunk by chunk along tokens;
+each chunk is upcast to fp32, its loss and its gradient with respect to the student logits are computed right
 away (divergences.py) and the gradient is written into one buffer of the student logits' dtype.
 Nothing else is kept for backward, so the extra memory is that buffer plus a few
 `token_chunk_size x v/tp` fp32 temporaries, instead of several fp32 copies of all the logits.
@@ -100,11 +101,13 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
                             cfg: DistillConfig, loss_mask: Optional[torch.Tensor] = None,
                             labels: Optional[torch.Tensor] = None,
                             real_vocab_size: Optional[int] = None, tp_group=None,
-                            reduction: str = "sum") -> LogitLoss:
+                            reduction: str = "sum", batch_first: bool = False) -> LogitLoss:
     """Distillation (+ optional cross entropy) loss of vocab-parallel logits.
 
-    student_logits, teacher_logits: `[s, b, v/tp]` shards from GPTModel (labels=None so it
-    returns logits); any dtype, kept as is (chunks are upcast). The teacher gets no gradient.
+    student_logits, teacher_logits: vocab shards `[s, b, v/tp]` as megatron's output layer
+    makes them, or `[b, s, v/tp]` with batch_first=True (what GPTModel.forward returns when
+    called with labels=None). Any dtype, kept as is (chunks are upcast to fp32). The teacher
+    gets no gradient.
     loss_mask: `[b, s]` (megatron's batch layout, batch["loss_mask"]); None means all ones.
     labels: `[b, s]` global token ids (batch["labels"]); needed when cfg.ce_weight > 0.
     real_vocab_size: the tokenizer's vocabulary; larger ids are padding and are ignored.
@@ -114,9 +117,10 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r}: use one of {REDUCTIONS}")
-    s_len, b, v = student_logits.shape
+    d0, d1, v = student_logits.shape
+    b, s_len = (d0, d1) if batch_first else (d1, d0)
     tp_rank, tp_size = group_rank_size(tp_group)
-    if teacher_logits.shape[:2] != (s_len, b):
+    if teacher_logits.shape[:2] != (d0, d1):
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} cover different tokens")
     if teacher_logits.shape[-1] != v:
@@ -132,8 +136,8 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     if real_columns(tp_rank, student_logits.shape[-1], real_vocab_size) < 1:
         raise ValueError(f"TP rank {tp_rank} holds only vocabulary padding (real_vocab_size "
                          f"{real_vocab_size}): use less padding or a smaller TP")
-    mask = torch.ones(s_len, b, device=student_logits.device) if loss_mask is None else (
-        _sequence_first(loss_mask, s_len, b).float())
+    mask = torch.ones(d0, d1, device=student_logits.device) if loss_mask is None else (
+        _like_logits(loss_mask, b, s_len, batch_first).float())
     num_tokens = (mask != 0).sum()
     weights = mask.reshape(-1)
     if reduction == "mean":
@@ -141,16 +145,16 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     if cfg.ce_weight > 0:
         if labels is None:
             raise ValueError("cfg.ce_weight > 0 needs labels")
-        labels = _sequence_first(labels, s_len, b).reshape(-1)
+        labels = _like_logits(labels, b, s_len, batch_first).reshape(-1)
     loss, kd, ce = _ChunkedLogitLoss.apply(student_logits, teacher_logits.detach(), weights,
                                            labels, cfg, real_vocab_size, tp_group)
     return LogitLoss(loss=loss, kd=kd, ce=ce if cfg.ce_weight > 0 else None,
                      num_tokens=num_tokens)
 
 
-def _sequence_first(x: torch.Tensor, s_len: int, b: int) -> torch.Tensor:
-    """megatron batches are [b, s]; logits are [s, b]."""
+def _like_logits(x: torch.Tensor, b: int, s_len: int, batch_first: bool) -> torch.Tensor:
+    """megatron's [b, s] masks/labels in the token layout of the logits."""
     if x.shape != (b, s_len):
         raise ValueError(f"mask/labels shape {tuple(x.shape)}: expected megatron's [b, s] = "
                          f"{(b, s_len)}")
-    return x.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+    return x if batch_first else x.transpose(0, 1).contiguous()  # [b, s] -> [s, b]

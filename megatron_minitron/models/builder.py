@@ -82,6 +82,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        if vpp:  # some megatron-core paths still read the global virtual rank
+            ps.set_virtual_pipeline_model_parallel_rank(vp_stage)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -104,6 +106,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
 
             gpt = Float16Module(config, gpt)
         chunks.append(gpt)
+    if vpp:
+        ps.set_virtual_pipeline_model_parallel_rank(0)
     return chunks
 
 

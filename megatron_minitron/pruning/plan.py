@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_minitron.checkpoint.hf_keymap import hf_export_problem
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.prune import AXES, PruneConfig
@@ -40,20 +41,6 @@ class PrunePlan:
     """Kept source layer numbers (1-based, sorted); new layer i is source layers[i]."""
 
 
-def hf_export_problem(model: ModelConfig) -> Optional[str]:
-    """Why Hugging Face transformers could not load this architecture, or None."""
-    try:
-        from megatron_minitron.checkpoint.hf import hf_export_problem as problem
-    except ImportError:
-        problem = None
-    if problem is not None:
-        return problem(model)
-    if model.hidden_size % model.num_attention_heads:
-        return (f"hidden_size {model.hidden_size} is not divisible by num_attention_heads "
-                f"{model.num_attention_heads}")
-    return None
-
-
 def axis_problem(name: str, v: int, sizes: Dict[str, int], src: ModelConfig,
                  cfg: PruneConfig) -> Optional[str]:
     """Why size v is invalid for axis `name`, given the axes before it in AXES; or None."""
@@ -70,9 +57,11 @@ def axis_problem(name: str, v: int, sizes: Dict[str, int], src: ModelConfig,
     if name == "hidden_size":
         if v % cfg.hidden_size_divisor:
             return f"{v} is not a multiple of hidden_size_divisor {cfg.hidden_size_divisor}"
-        if cfg.require_hf_export and v % sizes["num_attention_heads"]:
-            return (f"{v} is not divisible by num_attention_heads "
-                    f"{sizes['num_attention_heads']} (Hugging Face export needs it)")
+        if cfg.require_hf_export and hf_export_problem(src) is None:
+            problem = hf_export_problem(dataclasses.replace(src, hidden_size=v, **{
+                a: sizes[a] for a in ("num_query_groups", "num_attention_heads")}))
+            if problem is not None:
+                return f"{v} cannot be exported to Hugging Face: {problem}"
     if name == "ffn_hidden_size":
         for d, what in ((tp, "tensor_model_parallel_size"), (cfg.ffn_hidden_size_divisor,
                                                              "ffn_hidden_size_divisor")):
@@ -130,7 +119,7 @@ def resolve_target(src: ModelConfig, cfg: PruneConfig) -> ModelConfig:
             sizes[name] = getattr(src, name)
         check_axis(name, sizes, src, cfg)
     target = dataclasses.replace(src, kv_channels=src.kv_channels, **sizes)
-    problem = hf_export_problem(target)
+    problem = hf_export_problem(target)  # transformers 5.x refuses e.g. hidden % heads != 0
     if problem is not None:
         if cfg.require_hf_export:
             raise ConfigError("prune.target", f"Hugging Face cannot load the target: {problem}",

@@ -1,0 +1,158 @@
+"""Distillation benchmarks.
+
+(b) Peak memory of the logit loss, forward + backward, at a large vocabulary: the chunked
+vocab-parallel loss (megatron_minitron.distill.losses) against a naive full-vocabulary fp32
+version (log_softmax of both logits, KL, backward). Target: chunked <= 1/4 of naive.
+
+    python bench/kd_step.py            # vocab 49152 and 128256, 8192 tokens
+    python bench/kd_step.py --quick    # fewer tokens, well under a minute
+
+Peak memory is the increase over the inputs (teacher and student logits, already allocated):
+on CUDA torch.cuda.max_memory_allocated; on CPU each measurement runs in a fresh subprocess that
+resets the kernel's peak-RSS counter (/proc/self/clear_refs, else ru_maxrss) once the inputs
+exist and reads VmHWM after backward. Both variants write the student logits' gradient, which
+is counted in both. A naive run that would not fit in this machine's free memory is skipped and
+the vocabulary is measured again at the largest token count that fits.
+
+(a) The time of a distillation step against a student step + teacher forward needs the training
+loop's KD step; it is to be added here next to (b).
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+GIB = 1024 ** 3
+NAIVE_FP32_COPIES = 5  # measured peak of the naive version, in tokens x vocab fp32 tensors
+
+
+def naive_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    logq = F.log_softmax(student.float() / temperature, dim=-1)
+    logp = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean()
+
+
+def chunked_kl(student, teacher, temperature: float, chunk: int) -> torch.Tensor:
+    from megatron_minitron.config.distill import DistillConfig
+    from megatron_minitron.distill.losses import logit_distillation_loss
+
+    cfg = DistillConfig(temperature=temperature, token_chunk_size=chunk)
+    return logit_distillation_loss(student, teacher, cfg, reduction="mean").loss
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> int:
+    """Reset the peak-RSS counter if the kernel allows it; return the baseline to subtract."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, device: str):
+    """One run in this process: (peak extra bytes, seconds)."""
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    shape = (tokens, 1, vocab)  # [s, b, v], TP=1
+    student = torch.randn(shape, dtype=dt, device=device).requires_grad_()
+    teacher = torch.randn(shape, dtype=dt, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_cpu_peak()
+    start = time.perf_counter()
+    loss = naive_kl(student, teacher, 1.0) if variant == "naive" else chunked_kl(
+        student, teacher, 1.0, chunk)
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_bytes("VmHWM") - base
+    return peak, time.perf_counter() - start
+
+
+def run_isolated(variant, vocab, tokens, dtype, chunk, device):
+    if device == "cuda":  # the allocator's counters are exact in process
+        return measure(variant, vocab, tokens, dtype, chunk, device)
+    cmd = [sys.executable, __file__, "--child", variant, str(vocab), str(tokens), dtype,
+           str(chunk)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    peak, seconds = json.loads(out.strip().splitlines()[-1])
+    return peak, seconds
+
+
+def free_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def rows_for(vocab: int, tokens: int, device: str):
+    """(tokens, run naive?) pairs: the asked size, plus a smaller one if naive cannot fit."""
+    fits = lambda n: NAIVE_FP32_COPIES * 4 * n * vocab < 0.8 * free_bytes(device)  # noqa: E731
+    if fits(tokens):
+        return [(tokens, True)]
+    smaller = tokens // 2
+    while smaller > 256 and not fits(smaller):
+        smaller //= 2
+    return [(tokens, False), (smaller, True)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens (~1 minute on CPU)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens (default 8192)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--chunk", type=int, default=1024, help="distill.token_chunk_size")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child:
+        variant, vocab, tokens, dtype, chunk = args.child
+        print(json.dumps(measure(variant, int(vocab), int(tokens), dtype, int(chunk), "cpu")))
+        return
+    tokens = args.tokens or (2048 if args.quick else 8192)
+    print(f"(b) logit loss peak memory, forward+backward, {args.dtype} logits [s, 1, v], "
+          f"chunk {args.chunk} tokens, device {device}")
+    header = f"{'vocab':>7} {'tokens':>7} {'naive GiB':>10} {'chunked GiB':>12} {'ratio':>6} " \
+             f"{'naive s':>8} {'chunked s':>10}"
+    print(header)
+    print("-" * len(header))
+    for vocab in args.vocab:
+        for n, run_naive in rows_for(vocab, tokens, device):
+            c_peak, c_s = run_isolated("chunked", vocab, n, args.dtype, args.chunk, device)
+            if run_naive:
+                n_peak, n_s = run_isolated("naive", vocab, n, args.dtype, args.chunk, device)
+                naive, ratio, n_time = f"{n_peak / GIB:10.2f}", f"{c_peak / n_peak:6.3f}", \
+                    f"{n_s:8.1f}"
+            else:
+                need = NAIVE_FP32_COPIES * 4 * n * vocab / GIB
+                naive, ratio, n_time = f"{'>' + format(need, '.0f'):>10}", f"{'-':>6}", \
+                    f"{'skip':>8}"
+            print(f"{vocab:7d} {n:7d} {naive} {c_peak / GIB:12.2f} {ratio} {n_time} "
+                  f"{c_s:10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
