@@ -1,30 +1,18 @@
 """`minitron importance [key=value ...]`: score a checkpoint's heads, groups, neurons, channels
 and layers on calibration data; rank 0 writes the scores file."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import List
 
 import torch.distributed as dist
-from omegaconf import OmegaConf
-
 from megatron_minitron.config.errors import ConfigError
-from megatron_minitron.config.importance import ImportanceConfig
-from megatron_minitron.config.loader import compose, override_list, to_typed
-
-
-@dataclass
-class _Section:
-    """Until MinitronConfig has an `importance` section, its overrides are parsed here."""
-
-    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
-    """Importance estimation."""
+from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
     overrides = override_list(overrides)
-    ours = [o for o in overrides if o.lstrip("+").startswith("importance.")]
-    cfg = to_typed(compose([o for o in overrides if o not in ours]))
-    imp = to_typed(OmegaConf.from_dotlist([o.lstrip("+") for o in ours]), _Section).importance
+    cfg = load_config(overrides)
+    imp = cfg.importance
     from megatron_minitron.checkpoint.dist import read_header
     from megatron_minitron.data.datasets import build_datasets
     from megatron_minitron.data.loader import calibration_batches

@@ -1,31 +1,18 @@
 """`minitron prune [key=value ...]`: slice a checkpoint to prune.target (or prune.param_budget)
 using an importance scores file; writes a new checkpoint that loads at any TP/PP it fits."""
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
-from omegaconf import OmegaConf
-
 from megatron_minitron.config.errors import ConfigError
-from megatron_minitron.config.loader import compose, override_list, to_typed
+from megatron_minitron.config.loader import load_config, override_list
 from megatron_minitron.config.parallel import ParallelConfig
-from megatron_minitron.config.prune import PruneConfig
-
-
-@dataclass
-class _Section:
-    """Until MinitronConfig has a `prune` section, its overrides are parsed here."""
-
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    """Pruning."""
 
 
 def main(overrides: List[str]) -> None:
     overrides = override_list(overrides)
-    ours = [o for o in overrides if o.lstrip("+").startswith("prune.")]
-    cfg = to_typed(compose([o for o in overrides if o not in ours]))
-    prune = to_typed(OmegaConf.from_dotlist([o.lstrip("+") for o in ours]), _Section).prune
+    cfg = load_config(overrides)
+    prune = cfg.prune
     from megatron_minitron.pruning.slicing import prune_checkpoint
     from megatron_minitron.runtime.distributed import initialize, teardown
 

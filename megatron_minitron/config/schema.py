@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from megatron_minitron.config.convert import ConvertConfig
 from megatron_minitron.config.data import DataConfig, PreprocessConfig
 from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.config.importance import ImportanceConfig
+from megatron_minitron.config.prune import PruneConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
 from megatron_minitron.config.train import CheckpointConfig, LoggerConfig, TrainConfig
@@ -44,6 +46,10 @@ class MinitronConfig:
     """`minitron convert`: Hugging Face <-> megatron checkpoints."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """`minitron distill`: the teacher and the distillation losses."""
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    """`minitron importance`: calibration data and aggregation."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """`minitron prune`: the target architecture or parameter budget."""
 
     def __post_init__(self):
         self.validate_layout()

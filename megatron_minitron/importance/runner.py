@@ -8,7 +8,7 @@ the only communication here) assembles them; sample aggregation happens after it
 import dataclasses
 from contextlib import ExitStack
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist

@@ -71,7 +71,6 @@ def init_process_group(device: torch.device) -> None:
 def initialize(parallel: ParallelConfig, runtime: RuntimeConfig) -> ParallelContext:
     """Set up devices, process groups and seeds. Call once per process; undo with teardown()."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     device = resolve_device(runtime)
     if device.type == "cpu" and not torch.cuda.is_available():

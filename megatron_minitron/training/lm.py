@@ -1,14 +1,21 @@
-"""`minitron train`: pretraining and teacher correction (LM loss, optionally from a checkpoint)."""
+"""The training stages: `minitron train` (LM loss: pretraining, teacher correction) and
+`minitron distill` (a frozen teacher beside the student). One setup, two step objects."""
 
 from pathlib import Path
+from typing import Callable
 
+from megatron_minitron.checkpoint import dist as ckpt
+from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import to_yaml
 from megatron_minitron.config.schema import MinitronConfig
-from megatron_minitron.runtime.distributed import initialize, teardown
+from megatron_minitron.models.builder import build_model
+from megatron_minitron.runtime.distributed import ParallelContext, initialize, teardown
 from megatron_minitron.training.data_source import build_source, resolve_tokenizer
 from megatron_minitron.training.lm_step import LMStep
 from megatron_minitron.training.loop import LoopState
 from megatron_minitron.training.session import adopt_model_config, build_trainer, find_start
+
+StepFactory = Callable[[MinitronConfig, ParallelContext], Callable[[list], object]]
 
 
 def write_resolved_config(cfg: MinitronConfig, rank: int) -> None:
@@ -17,19 +24,64 @@ def write_resolved_config(cfg: MinitronConfig, rank: int) -> None:
         (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
 
 
-def train_lm(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:
+def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: StepFactory
+                 ) -> LoopState:
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
         start = find_start(cfg)
         cfg = adopt_model_config(cfg, start, model_overridden)
         write_resolved_config(cfg, ctx.rank)
         tok = resolve_tokenizer(cfg, start.header)
+        make_step = step_factory(cfg, ctx)
         data = build_source(cfg, ctx, tok)
-        trainer, state = build_trainer(
-            cfg, ctx, start, lambda chunks: LMStep(ctx.device), data,
-            tok.describe(), config_dict=None)
+        trainer, state = build_trainer(cfg, ctx, start, make_step, data, tok.describe())
         state = trainer.run(state)
         trainer.writer.close()
         return state
     finally:
         teardown()
+
+
+def lm_step(cfg: MinitronConfig, ctx: ParallelContext):
+    return lambda chunks: LMStep(ctx.device)
+
+
+def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
+    """Load the frozen teacher at the student's layout and return the KD step factory."""
+    from megatron_minitron.distill.kd_step import KDStep
+
+    d = cfg.distill
+    if not d.teacher_checkpoint:
+        raise ConfigError("distill.teacher_checkpoint", "no teacher given",
+                          "set distill.teacher_checkpoint=CKPT (one of our checkpoints)")
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError("parallel.pipeline_model_parallel_size",
+                          "distillation under pipeline parallelism is not built yet",
+                          "distill with TP x DP (pipeline_model_parallel_size=1)")
+    if d.uses_hidden_states:
+        raise ConfigError("distill.hidden_loss", "hidden-state losses are not wired into the "
+                          "distillation step yet", "use distill.hidden_loss=none")
+    header = ckpt.read_header(d.teacher_checkpoint)
+    if header.model.padded_vocab_size != cfg.model.padded_vocab_size:
+        raise ConfigError("distill.teacher_checkpoint",
+                          f"teacher vocabulary {header.model.padded_vocab_size} rows, student "
+                          f"{cfg.model.padded_vocab_size}", "distill between models that share "
+                          "a tokenizer")
+    runtime = cfg.runtime
+    if d.teacher_precision != "auto":
+        import dataclasses
+
+        runtime = dataclasses.replace(runtime, precision=d.teacher_precision)
+    teacher = build_model(header.model, cfg.parallel, runtime, ctx.device)
+    ckpt.load(d.teacher_checkpoint, teacher)
+    for t in teacher:
+        t.eval().requires_grad_(False)
+    return lambda chunks: KDStep(d, teacher[0], ctx.tp_group, cfg.model.vocab_size, ctx.device)
+
+
+def train_lm(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:
+    return run_training(cfg, model_overridden, lm_step)
+
+
+def distill(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:
+    return run_training(cfg, model_overridden, kd_step)
