@@ -16,8 +16,6 @@ def _run(stage, run_dir, overrides):
 
     cfg = load_config(BASE + [f"run.dir={run_dir}"] + overrides)
     (distill if stage == "distill" else train_lm)(cfg)
-    import torch.distributed as dist
-
     return [m for m in read_metrics(run_dir) if "kd_loss" in m or "lm_loss" in m]
 
 
@@ -54,8 +52,6 @@ def test_first_distillation_steps_agree_at_tp1_tp2_dp2(teacher, tmp_path):
 
 
 def test_pipeline_parallel_distillation_is_refused_clearly(teacher, tmp_path):
-    from megatron_minitron.config.errors import ConfigError
-
     with pytest.raises(RuntimeError, match="parallel.pipeline_model_parallel_size"):
         run_distributed(_run, 2, "distill", str(tmp_path), [
             "train.train_iters=2", f"distill.teacher_checkpoint={teacher}",

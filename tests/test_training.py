@@ -1,7 +1,6 @@
 """The one training loop: layout parity, resharding, exact resume."""
 
 import pytest
-import torch
 
 from distributed import run_distributed
 

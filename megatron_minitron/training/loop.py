@@ -3,7 +3,7 @@ step object (LMStep, KDStep) that turns a micro-batch into a loss."""
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Protocol
+from typing import Callable, Dict, Iterator, List, Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,7 @@ class LoopState:
 class Trainer:
     def __init__(self, cfg: MinitronConfig, ctx: ParallelContext, chunks: List[torch.nn.Module],
                  step: Step, optimizer, scheduler, data: DataSource, writer: MetricsWriter,
-                 make_header: Callable[[LoopState], ckpt.CheckpointHeader],
-                 extra_modules: Optional[List[torch.nn.Module]] = None):
+                 make_header: Callable[[LoopState], ckpt.CheckpointHeader]):
         self.cfg, self.ctx, self.chunks, self.step = cfg, ctx, chunks, step
         self.optimizer, self.scheduler, self.data, self.writer = optimizer, scheduler, data, writer
         self.make_header = make_header
