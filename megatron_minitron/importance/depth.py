@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.importance.aggregation import Stats
-from megatron_minitron.importance.hooks import transformer_layers
+from megatron_minitron.importance.hooks import HookSet, transformer_layers
 
 
 def _hidden_in(args, kwargs) -> torch.Tensor:
@@ -25,7 +25,7 @@ def token_cosines(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
 
 
-class CosineHooks:
+class CosineHooks(HookSet):
     """Context manager: adds per-layer cosine sums and token counts to stats["cos_*"]. TP ranks
     see the same hidden states, so only TP rank 0 accumulates."""
 
@@ -44,12 +44,6 @@ class CosineHooks:
             for layer in transformer_layers(self.chunks):
                 self.handles.append(layer.register_forward_hook(self._hook, with_kwargs=True))
         return self
-
-    def __exit__(self, *exc) -> bool:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        return False
 
 
 def _return_input(layer, args, kwargs, output):

@@ -64,7 +64,19 @@ def final_norms(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
     return [n for n in norms if n is not None]
 
 
-class WidthHooks:
+class HookSet:
+    """Forward hooks registered on __enter__ (by subclasses) and all removed on __exit__."""
+
+    handles: list
+
+    def __exit__(self, *exc) -> bool:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+
+class WidthHooks(HookSet):
     """Context manager: while active, forward passes add to `stats` (global-shaped, fp32)."""
 
     def __init__(self, chunks: List[torch.nn.Module], model: ModelConfig, stats: Stats,
@@ -118,9 +130,3 @@ class WidthHooks:
         for norm in final_norms(self.chunks):
             self._norm_site(norm, norm, 2 * L)
         return self
-
-    def __exit__(self, *exc) -> bool:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        return False
