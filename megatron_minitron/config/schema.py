@@ -5,10 +5,13 @@ from dataclasses import dataclass, field
 from megatron_minitron.config.convert import ConvertConfig
 from megatron_minitron.config.data import DataConfig, PreprocessConfig
 from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.config.eval import EvalConfig
 from megatron_minitron.config.importance import ImportanceConfig
 from megatron_minitron.config.prune import PruneConfig
+from megatron_minitron.config.search import SearchConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
+from megatron_minitron.config.pipeline import PipelineConfig
 from megatron_minitron.config.train import CheckpointConfig, LoggerConfig, TrainConfig
 
 
@@ -50,6 +53,12 @@ class MinitronConfig:
     """`minitron importance`: calibration data and aggregation."""
     prune: PruneConfig = field(default_factory=PruneConfig)
     """`minitron prune`: the target architecture or parameter budget."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """`minitron search`: candidate architectures ranked by a short distillation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """`minitron eval`: perplexity and lm-eval-harness tasks."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """`minitron pipeline`: the stages chained end to end."""
 
     def __post_init__(self):
         self.validate_layout()
