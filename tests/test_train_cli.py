@@ -1,44 +1,16 @@
 """`minitron train` as users run it: exit codes, one-line errors, kill -9 and resume, resharding."""
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
+from cli_process import losses, minitron
 from distributed import run_distributed
 
 FAST = ["data.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4",
         "train.eval_interval=0", "train.eval_iters=1", "logger.backend=none",
         "logger.progress_bar=false", "train.optimizer.lr_warmup_iters=1"]
-
-
-def minitron(*args, **kw):
-    # A single-process group made earlier in this pytest process leaves torchrun-style variables
-    # (MASTER_PORT...) in os.environ; a child must not inherit them.
-    dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env["MINITRON_TRACEBACK"] = "0"
-    return subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli.main", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **kw)
-
-
-def losses(run_dir):
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line being written while we read
-            continue
-        if "lm_loss" in rec:
-            out[rec["step"]] = rec["lm_loss"]
-    return out
 
 
 def test_kill_dash_nine_then_resume_gives_the_uninterrupted_curve(tmp_path):

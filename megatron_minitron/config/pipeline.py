@@ -1,12 +1,65 @@
-"""`minitron pipeline`: the whole recipe, teacher -> importance -> prune -> distill -> eval."""
+"""`minitron pipeline`: the whole recipe, teacher -> correction -> importance -> target -> prune
+-> distill -> evaluate -> export, each stage in its own folder under run.dir."""
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
+
+from megatron_minitron.config.errors import ConfigError
+
+STAGES = ("teacher", "correction", "importance", "search", "prune", "distill", "eval", "export",
+          "report")
+"""Stage names in run order (also the folder names under run.dir)."""
+TARGET_MODES = ("fixed", "search")
 
 
 @dataclass
 class PipelineConfig:
-    """Which stages run and how they chain. Each writes under run.dir/<stage>."""
+    """Which stages run and how they chain. Every stage writes run.dir/<stage>/ and marks it
+    finished with a `stage.json`; a rerun skips finished stages and resumes the unfinished one
+    from its last checkpoint."""
 
+    teacher: str = "smollm2"
+    """"smollm2" (the embedded SmolLM2-135M), a Hugging Face model folder (config.json +
+    safetensors), one of our checkpoints (a step folder or a root holding `latest`), or "init":
+    a freshly initialised `model` (pair it with correction_iters to pretrain it first)."""
+    correction_iters: int = 0
+    """Teacher correction: LM-loss fine-tuning steps of the teacher on the distillation data
+    before importance (0 skips it; the papers use ~100M-1B tokens)."""
+    correction_lr: Optional[float] = None
+    """Learning rate for teacher correction (None: train.optimizer.lr)."""
+    target: str = "fixed"
+    """"fixed": prune.target / prune.param_budget / param_fraction; "search": rank candidates
+    with `minitron search` (search.*) and keep the best."""
+    param_fraction: Optional[float] = 0.5
+    """With no prune.target sizes and no prune.param_budget: keep this fraction of the teacher's
+    non-embedding parameters (resolved over prune.budget_axes)."""
+    iterations: int = 1
+    """Prune -> distill rounds to reach the target. >1: intermediate parameter budgets spaced
+    geometrically between the teacher and the target, each round re-scoring the last student."""
+    distill_iters: int = 200
+    """Distillation steps per round (train.* gives batch size, lr and the rest)."""
+    export: bool = True
+    """Export the final student to Hugging Face format (run.dir/export)."""
+    eval_samples: int = 64
+    """Held-out sequences (data.seq_length tokens each) for the loss/perplexity table."""
     force: List[str] = field(default_factory=list)
-    """Stages to rerun even when their finished output is present."""
+    """Stages to rerun even when finished; every later stage reruns too."""
+
+    def __post_init__(self):
+        if self.target not in TARGET_MODES:
+            raise ConfigError("pipeline.target", f"unknown {self.target!r}",
+                              f"use one of {TARGET_MODES}")
+        for name in ("correction_iters", "distill_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"pipeline.{name}", "must be >= 0", "use 0 to skip")
+        if self.iterations < 1:
+            raise ConfigError("pipeline.iterations", "must be >= 1", "use 1 for one-shot")
+        if self.param_fraction is not None and not 0 < self.param_fraction < 1:
+            raise ConfigError("pipeline.param_fraction", f"{self.param_fraction} not in (0, 1)",
+                              "use e.g. 0.5 for half the non-embedding parameters")
+        if self.eval_samples < 1:
+            raise ConfigError("pipeline.eval_samples", "must be >= 1", "use e.g. 64")
+        bad = [s for s in self.force if s not in STAGES and s != "all"]
+        if bad:
+            raise ConfigError("pipeline.force", f"unknown stages {bad}",
+                              f"use stage names from {STAGES} or 'all'")

@@ -1,5 +1,6 @@
 """Process groups: the only module that calls megatron-core's parallel_state."""
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -134,6 +135,33 @@ def set_virtual_pipeline_rank(rank: Optional[int]) -> None:
     ps.set_virtual_pipeline_model_parallel_rank(rank)
 
 
+_held = False
+"""True while a multi-stage job (the pipeline) keeps torch.distributed alive between stages."""
+
+
+@contextlib.contextmanager
+def process_group_held(runtime: RuntimeConfig):
+    """Initialise torch.distributed once for several stages: each stage's teardown() then only
+    destroys megatron's model-parallel groups (re-initialising a torchrun world is not
+    reliable). Yields (rank, world_size)."""
+    global _held
+    device = resolve_device(runtime)
+    if device.type == "cpu" and not torch.cuda.is_available():
+        cpu_compat.install()
+    init_process_group(device)
+    _held = True
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        _held = False
+        teardown()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     from megatron.core import parallel_state as ps
 
@@ -141,4 +169,5 @@ def teardown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not _held:
+            dist.destroy_process_group()

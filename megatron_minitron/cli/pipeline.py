@@ -1,0 +1,32 @@
+"""`minitron pipeline [key=value ...]`: teacher -> importance -> prune -> distill -> eval ->
+export -> report under run.dir; rerun the same command to resume after a crash."""
+
+import os
+from typing import Dict, List
+
+from megatron_minitron.config.loader import load_config, override_list
+
+
+def summary_table(summary: Dict) -> str:
+    rows = [f"{'model':<10} {'params':>12} {'loss':>8} {'ppl':>10} {'tokens':>12}  path"]
+    for r in summary["rows"]:
+        rows.append(f"{r['name']:<10} {r['params']:>12,} {r['loss']:>8.4f} "
+                    f"{r['perplexity']:>10.2f} {r['tokens']:>12,}  {r['path']}")
+    if summary.get("export"):
+        rows.append(f"Hugging Face export: {summary['export']}")
+    rows.append(f"report: {summary['run_dir']}/report.md")
+    return "\n".join(rows)
+
+
+def main(overrides: List[str]) -> None:
+    cfg = load_config(override_list(overrides))
+    from megatron_minitron.pipeline.run import run_pipeline
+    from megatron_minitron.pipeline.stages import StageIncomplete
+
+    try:
+        summary = run_pipeline(cfg)
+    except StageIncomplete as e:
+        print(f"minitron pipeline: {e}; rerun the same command to continue")
+        return
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_table(summary))

@@ -1,0 +1,1 @@
+"""Stages chained: search, and the end-to-end pipeline."""

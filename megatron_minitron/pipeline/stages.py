@@ -1,0 +1,213 @@
+"""One function per pipeline stage. Each takes the run's MinitronConfig plus its inputs and the
+folder it owns, does its work with every rank taking part, and returns its outputs as a
+JSON-serialisable dict (paths and numbers) that the pipeline records in `stage.json`.
+The standalone CLIs (`minitron importance`, `minitron prune`) call the same functions."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from megatron_minitron.checkpoint import dist as ckpt
+from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.parallel import ParallelConfig
+from megatron_minitron.config.schema import MinitronConfig, RunConfig
+from megatron_minitron.config.train import TrainConfig
+
+
+class StageIncomplete(Exception):
+    """A training stage stopped before its last step (train.exit_after_iters); rerun resumes."""
+
+
+def _world() -> "tuple[int, int]":
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _single_process(convert, args: List[str]) -> None:
+    """HF conversion runs in one process: in place for a world of one, else rank 0 runs it as a
+    fresh single-process `minitron convert` while the other ranks wait."""
+    from megatron_minitron.runtime.distributed import barrier, teardown
+
+    rank, world = _world()
+    if world == 1:
+        try:
+            convert()
+        finally:
+            teardown()  # the converter's model-parallel state; the process group stays
+        return
+    if rank == 0:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                            "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")}
+        subprocess.run([sys.executable, "-m", "megatron_minitron.cli.main", "convert", *args],
+                       env=env, check=True)
+    barrier()
+
+
+def import_teacher(cfg: MinitronConfig, out: Path) -> Dict:
+    """The teacher as one of our checkpoints: converted from HF, or used where it is."""
+    from megatron_minitron.checkpoint.hf import hf_to_mcore
+
+    src = cfg.pipeline.teacher
+    if src == "init":
+        return init_teacher(cfg, out)
+    if src == "smollm2":
+        from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
+
+        src = str(fetch_smollm2()) if _world()[0] == 0 else src
+    elif not (Path(src).expanduser() / "config.json").is_file():
+        if ckpt.resolve(src) is None:
+            raise ConfigError("pipeline.teacher", f"{src} is neither a Hugging Face folder "
+                              "(config.json) nor one of our checkpoints",
+                              "use smollm2, an HF model folder or a checkpoint folder")
+        return {"checkpoint": str(ckpt.resolve(src))}
+    dst = out / "checkpoint"
+    _single_process(lambda: hf_to_mcore(src, str(dst)),
+                    ["convert.direction=hf_to_mcore", f"convert.input={src}",
+                     f"convert.output={dst}"])
+    return {"checkpoint": str(ckpt.resolve(str(dst)))}
+
+
+def init_teacher(cfg: MinitronConfig, out: Path) -> Dict:
+    """A freshly initialised `model` (tests and from-scratch runs; pair it with correction)."""
+    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.training.data_source import resolve_tokenizer
+
+    ctx = initialize(cfg.parallel, cfg.runtime)
+    try:
+        chunks = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
+        header = ckpt.CheckpointHeader(model=cfg.model,
+                                       tokenizer=resolve_tokenizer(cfg, None).describe())
+        path = ckpt.save(str(out / "checkpoint"), 0, chunks, header, ctx=ctx)
+    finally:
+        teardown()
+    return {"checkpoint": str(path)}
+
+
+def stage_train_config(train: TrainConfig, iters: int, lr: Optional[float] = None
+                       ) -> TrainConfig:
+    """The shared train section with this stage's length (warmup kept below it)."""
+    opt = train.optimizer
+    lr = lr or opt.lr
+    opt = dataclasses.replace(opt, lr=lr, min_lr=min(opt.min_lr, lr),
+                              lr_warmup_iters=min(opt.lr_warmup_iters, max(iters - 1, 0)))
+    return dataclasses.replace(train, train_iters=iters, optimizer=opt)
+
+
+def _train(cfg: MinitronConfig, init: str, out: Path, iters: int, run, lr=None) -> Dict:
+    """Fine-tune from `init` for `iters` steps in `out` (resuming its own checkpoints)."""
+    stage_cfg = dataclasses.replace(
+        cfg, run=RunConfig(dir=str(out)), train=stage_train_config(cfg.train, iters, lr),
+        checkpoint=dataclasses.replace(cfg.checkpoint, save=None, load=init, finetune=True))
+    state = run(stage_cfg)
+    if state.step < iters:
+        raise StageIncomplete(f"{out.name} stopped at step {state.step} of {iters}")
+    path = ckpt.resolve(str(out / "checkpoints"))
+    return {"checkpoint": str(path), "tokens": state.consumed_samples * cfg.data.seq_length}
+
+
+def correct_teacher(cfg: MinitronConfig, teacher: str, out: Path) -> Dict:
+    from megatron_minitron.training.lm import train_lm
+
+    return _train(cfg, teacher, out, cfg.pipeline.correction_iters, train_lm,
+                  cfg.pipeline.correction_lr)
+
+
+def distill_student(cfg: MinitronConfig, teacher: str, student: str, out: Path) -> Dict:
+    from megatron_minitron.training.lm import distill
+
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill,
+                                                               teacher_checkpoint=teacher))
+    return _train(cfg, student, out, cfg.pipeline.distill_iters, distill)
+
+
+def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
+    """Importance scores of `checkpoint` on calibration samples from cfg.data."""
+    import torch.distributed as dist
+
+    from megatron_minitron.data.datasets import build_datasets
+    from megatron_minitron.data.loader import calibration_batches
+    from megatron_minitron.importance.runner import score_checkpoint
+    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.training.data_source import resolve_tokenizer
+
+    imp = cfg.importance
+    header = ckpt.read_header(checkpoint)
+    cfg = dataclasses.replace(cfg, model=header.model)  # its architecture, checked vs layout
+    ctx = initialize(cfg.parallel, cfg.runtime)
+    try:
+        tok = resolve_tokenizer(cfg, header)
+        calib = build_datasets(cfg.data, tok, (imp.num_samples, 0, 0), cfg.runtime.seed,
+                               is_rank0=ctx.rank == 0, barrier=dist.barrier)[0]
+        data = {"paths": cfg.data.paths, "split": cfg.data.split, "seed": cfg.runtime.seed,
+                "seq_length": cfg.data.seq_length, "tokenizer": tok.describe()}
+        score_checkpoint(checkpoint, imp, lambda: calibration_batches(
+            calib, imp.num_samples, imp.micro_batch_size, ctx.dp_rank, ctx.dp_size),
+            ctx, cfg.parallel, cfg.runtime, output, data)
+    finally:
+        teardown()
+    return {"scores": output, "tokens": imp.num_samples * cfg.data.seq_length}
+
+
+def prune(cfg: MinitronConfig, checkpoint: str, scores: Optional[str], output: str) -> Dict:
+    """Slice `checkpoint` to cfg.prune's target; one full copy per rank (TP=1, PP=1)."""
+    from megatron_minitron.pruning.slicing import prune_checkpoint
+    from megatron_minitron.runtime.distributed import initialize, teardown
+
+    ctx = initialize(ParallelConfig(), cfg.runtime)
+    try:
+        path = prune_checkpoint(checkpoint, scores, cfg.prune, output, ctx, cfg.runtime)
+    finally:
+        teardown()
+    return {"checkpoint": str(path)}
+
+
+def export(cfg: MinitronConfig, checkpoint: str, out: Path) -> Dict:
+    from megatron_minitron.checkpoint.hf import mcore_to_hf
+
+    out = out / "hf"
+    _single_process(lambda: mcore_to_hf(checkpoint, str(out), dtype=cfg.convert.dtype),
+                    ["convert.direction=mcore_to_hf", f"convert.input={checkpoint}",
+                     f"convert.output={out}", f"convert.dtype={cfg.convert.dtype}"])
+    return {"hf_dir": str(out)}
+
+
+def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path) -> Dict:
+    """Held-out loss and perplexity of each checkpoint on the same validation batches."""
+    from megatron_minitron.eval.perplexity import (checkpoint_tokenizer, evaluate_checkpoint,
+                                                   split_batches)
+    from megatron_minitron.runtime.distributed import initialize, teardown
+
+    ctx = initialize(cfg.parallel, cfg.runtime)
+    try:
+        tok = checkpoint_tokenizer(next(iter(checkpoints.values())))
+        batches = split_batches(cfg.data, tok, "valid", cfg.pipeline.eval_samples,
+                                cfg.train.micro_batch_size, ctx, cfg.runtime.seed)
+        results = {}
+        for name, path in checkpoints.items():
+            r = evaluate_checkpoint(path, batches, ctx, cfg.runtime, cfg.parallel)
+            results[name] = {"params": ckpt.read_header(path).model.num_parameters(),
+                             "loss": r.loss, "perplexity": r.perplexity,
+                             "eval_tokens": r.tokens}
+    finally:
+        teardown()
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def report(cfg: MinitronConfig, summary: Dict, out: Path) -> Dict:
+    """report.md + plots in run.dir (rank 0)."""
+    from megatron_minitron.eval.report import write_report
+
+    path = write_report(cfg.run.dir) if _world()[0] == 0 else Path(cfg.run.dir) / "report.md"
+    return {"report": str(path)}

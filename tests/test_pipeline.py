@@ -1,0 +1,115 @@
+"""`minitron pipeline experiment=smoke`: every artefact, resume after a kill, force, errors."""
+
+import json
+import signal
+import time
+
+import pytest
+
+from cli_process import losses, minitron
+
+
+def run_pipeline(run_dir, *extra, timeout=300):
+    p = minitron("pipeline", "experiment=smoke", f"run.dir={run_dir}", *extra)
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    run = tmp_path_factory.mktemp("smoke")
+    out = run_pipeline(run)
+    return run, out
+
+
+def test_smoke_pipeline_writes_every_artefact(smoke):
+    from megatron_minitron.checkpoint.dist import read_header
+    from megatron_minitron.importance.scores import load_scores
+
+    run, out = smoke
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert set(rows) == {"teacher", "pruned", "distilled"}
+    # The target: about half the teacher's non-embedding parameters.
+    teacher, student = (read_header(rows[n]["path"]).model for n in ("teacher", "distilled"))
+    ratio = student.num_parameters(False) / teacher.num_parameters(False)
+    assert 0.4 < ratio <= 0.5
+    assert rows["pruned"]["params"] == rows["distilled"]["params"] < rows["teacher"]["params"]
+    # Distillation recovers part of what pruning lost.
+    assert rows["distilled"]["loss"] < rows["pruned"]["loss"]
+    assert rows["teacher"]["loss"] < rows["pruned"]["loss"]
+    assert rows["distilled"]["tokens"] > rows["pruned"]["tokens"] > rows["teacher"]["tokens"] > 0
+
+    scores = load_scores(str(run / "importance" / "scores.safetensors"))
+    scores.check_model(teacher)
+    assert (run / "distill" / "metrics.jsonl").is_file()
+    assert "model" in out and "report.md" in out  # the printed summary table
+
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(summary["export"])
+    assert hf.config.hidden_size == student.hidden_size
+    assert hf.config.num_hidden_layers == student.num_layers
+    with torch.no_grad():
+        logits = hf(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+    report = (run / "report.md").read_text()
+    assert "distilled" in report
+    assert any(run.glob("**/*.png"))
+
+
+def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(smoke, tmp_path):
+    run, _ = smoke
+    before = {p: p.stat().st_mtime_ns for p in run.glob("*/stage.json")}
+    out = run_pipeline(run)
+    assert "stage distill" not in out and "stage importance" not in out
+    after = {p: p.stat().st_mtime_ns for p in run.glob("*/stage.json")}
+    assert {p: t for p, t in after.items() if p.parent.name != "report"} == \
+        {p: t for p, t in before.items() if p.parent.name != "report"}
+
+
+def test_kill_during_distillation_then_rerun_gives_the_same_final_metrics(smoke, tmp_path):
+    run, _ = smoke
+    killed = tmp_path / "killed"
+    p = minitron("pipeline", "experiment=smoke", f"run.dir={killed}")
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (killed / "distill" / "metrics.jsonl").exists() and len(losses(killed / "distill")) >= 6:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "the pipeline finished before it could be killed"
+    assert not (killed / "distill" / "stage.json").exists()
+
+    out = run_pipeline(killed)
+    assert "stage importance" not in out and "stage distill" in out
+    assert losses(killed / "distill") == losses(run / "distill")
+    a = json.loads((run / "summary.json").read_text())["rows"]
+    b = json.loads((killed / "summary.json").read_text())["rows"]
+    assert [(r["name"], r["loss"], r["tokens"]) for r in a] == \
+        [(r["name"], r["loss"], r["tokens"]) for r in b]
+
+
+def test_iterative_pipeline_reaches_the_target_in_rounds(tmp_path):
+    from megatron_minitron.checkpoint.dist import read_header
+
+    run_pipeline(tmp_path, "pipeline.iterations=2", "pipeline.export=false",
+                 "pipeline.distill_iters=4")
+    sizes = [read_header(str(tmp_path / f"prune_{r}" / "checkpoint")).model.num_parameters(False)
+             for r in (1, 2)]
+    teacher = read_header(str(tmp_path / "correction" / "checkpoints")).model
+    assert sizes[0] > sizes[1]
+    assert 0.4 < sizes[1] / teacher.num_parameters(False) <= 0.5
+    assert (tmp_path / "distill_2" / "stage.json").is_file()
+
+
+def test_bad_teacher_is_one_line_error(tmp_path):
+    p = minitron("pipeline", "experiment=smoke", f"run.dir={tmp_path}",
+                 f"pipeline.teacher={tmp_path / 'nope'}")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert "pipeline.teacher" in err and "Fix:" in err
