@@ -26,6 +26,7 @@ setup(
     version="0.1.0",
     description="Minitron-style pruning and distillation of GPT models on megatron-core",
     packages=find_packages(include=["megatron_minitron", "megatron_minitron.*"]),
+    package_data={"megatron_minitron.eval.tasks": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,
