@@ -6,7 +6,7 @@ import traceback
 from typing import Callable, List
 
 from megatron_minitron.config.errors import ConfigError
-from megatron_minitron.runtime.signals import Requeue
+from megatron_minitron.runtime.signals import Requeue, announce_requeue
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -22,6 +22,7 @@ def run_stage(fn: Callable[[List[str]], None], overrides: List[str]) -> int:
         print(f"minitron: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except Requeue as e:
+        announce_requeue(str(e))
         print(f"minitron: pre-empted, checkpoint saved, requeue: {e}", file=sys.stderr)
         return EXIT_REQUEUE
     except Exception as e:

@@ -6,7 +6,7 @@ from typing import Optional
 from megatron_minitron.config.errors import ConfigError
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -67,8 +67,10 @@ class RuntimeConfig:
     transformer_impl: str = "auto"
     """Layer spec: "local" (pure PyTorch), "transformer_engine", or "auto" (TE when CUDA and TE
     are both present)."""
-    precision: str = "fp32"
-    """"fp32" or "bf16" (bf16 autocast on CPU, megatron mixed precision on GPU)."""
+    precision: str = "auto"
+    """"fp32", "bf16" (megatron-core mixed precision: bf16 weights and activations, fp32 main
+    weights and grads in the optimizer), or "auto": bf16 on CUDA, fp32 on CPU (resolved by
+    runtime.device.resolve_precision)."""
     seed: int = 1234
     """Seed for weights init, dropout and data order."""
     deterministic: bool = False

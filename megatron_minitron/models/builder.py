@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
-from megatron_minitron.runtime.device import resolve_transformer_impl
+from megatron_minitron.runtime.device import resolve_precision, resolve_transformer_impl
 
 
 def _squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: Ru
     # megatron-core's own mixed precision on CPU and GPU alike: bf16 params and activations,
     # fp32 main params and grads in the optimizer. (torch.autocast does not reach megatron's
     # custom autograd linears on CPU: their custom_fwd is bound to device_type="cuda".)
-    mcore_bf16 = runtime.precision == "bf16"
+    mcore_bf16 = resolve_precision(runtime, device_type) == "bf16"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -17,6 +18,15 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_precision(cfg: RuntimeConfig, device_type: Optional[str] = None) -> str:
+    """'fp32' or 'bf16'. "auto" is bf16 on CUDA (tensor cores, half the activation memory) and
+    fp32 on CPU, where bf16 matmuls are slow and only tests use it."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    device_type = device_type or resolve_device(cfg).type
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def transformer_engine_status() -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -55,13 +56,33 @@ def read_metrics(run_dir: str):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+WANDB_ID_FILE = "wandb_run_id"
+"""In the run folder: the W&B run id, so a resumed or requeued job continues the same run."""
+
+
 def _start_wandb(run_dir: str, cfg: LoggerConfig, config_dict: Optional[dict]):
     import wandb
 
-    id_file = Path(run_dir) / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    resuming = id_file.exists()
+    # Our own id: wandb.util.generate_id is gone from recent W&B releases.
+    run_id = id_file.read_text().strip() if resuming else secrets.token_hex(6)
     id_file.write_text(run_id)
+    if config_dict is None:
+        config_dict = _resolved_config(run_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
+    # The config goes in once, when the run starts; a resumed job may differ in what it is
+    # allowed to (train_iters...) and W&B would refuse the changed values.
     return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or Path(run_dir).name,
                       group=cfg.group, tags=list(cfg.tags), mode=cfg.mode, dir=run_dir,
-                      id=run_id, resume="allow", config=config_dict)
+                      id=run_id, resume="allow", config=None if resuming else config_dict)
+
+
+def _resolved_config(run_dir: str) -> Optional[dict]:
+    """The config.yaml a stage writes into its run folder before training starts."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    import yaml
+
+    return yaml.safe_load(path.read_text())
