@@ -18,8 +18,16 @@ def summary_table(summary: Dict) -> str:
     return "\n".join(rows)
 
 
+DEFAULT_EXPERIMENT = "demo"
+"""conf/experiment/demo.yaml: the embedded default (SmolLM2-135M on a laptop CPU)."""
+
+
 def main(overrides: List[str]) -> None:
-    cfg = load_config(override_list(overrides))
+    overrides = override_list(overrides)
+    if not any(o.lstrip("+~").startswith("experiment=") for o in overrides):
+        print(f"minitron pipeline: no experiment given, using experiment={DEFAULT_EXPERIMENT}")
+        overrides = [f"experiment={DEFAULT_EXPERIMENT}", *overrides]
+    cfg = load_config(overrides)
     from megatron_minitron.pipeline.run import run_pipeline
     from megatron_minitron.pipeline.stages import StageIncomplete
 
