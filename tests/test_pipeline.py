@@ -113,3 +113,17 @@ def test_bad_teacher_is_one_line_error(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2
     assert "pipeline.teacher" in err and "Fix:" in err
+
+
+def test_search_mode_prunes_to_the_best_ranked_candidate(tmp_path):
+    from megatron_minitron.checkpoint.dist import read_header
+
+    run_pipeline(tmp_path, "pipeline.target=search", "search.max_candidates=2",
+                 "search.distill_iters=2", "search.eval_iters=1", "pipeline.distill_iters=2",
+                 "pipeline.export=false")
+    ranking = json.loads((tmp_path / "search" / "ranking.json").read_text())
+    rows = ranking["rows"] if isinstance(ranking, dict) else ranking
+    assert len(rows) >= 2
+    assert [r["val_loss"] for r in rows] == sorted(r["val_loss"] for r in rows)
+    pruned = read_header(str(tmp_path / "prune" / "checkpoint")).model
+    assert {k: getattr(pruned, k) for k in rows[0]["target"]} == rows[0]["target"]

@@ -54,6 +54,9 @@ class PipelineConfig:
                 raise ConfigError(f"pipeline.{name}", "must be >= 0", "use 0 to skip")
         if self.iterations < 1:
             raise ConfigError("pipeline.iterations", "must be >= 1", "use 1 for one-shot")
+        if self.target == "search" and self.iterations > 1:
+            raise ConfigError("pipeline.iterations", "search picks one final architecture",
+                              "use iterations=1 with target=search")
         if self.param_fraction is not None and not 0 < self.param_fraction < 1:
             raise ConfigError("pipeline.param_fraction", f"{self.param_fraction} not in (0, 1)",
                               "use e.g. 0.5 for half the non-embedding parameters")

@@ -157,7 +157,8 @@ def run_pipeline(cfg: MinitronConfig) -> Dict:
 def searched_target(cfg: MinitronConfig, runner: StageRunner, teacher: str, student: str,
                     scores: str) -> MinitronConfig:
     """The best candidate of `minitron search` as this round's prune target."""
-    result = runner.run("search", lambda out: stages.search(cfg, teacher, student, scores, out))
-    return dataclasses.replace(cfg, prune=dataclasses.replace(
-        cfg.prune, param_budget=None, target=type(cfg.prune.target)(**result["target"])))
+    from megatron_minitron.pipeline.search import row_prune_config
+
+    best = runner.run("search", lambda out: stages.search(cfg, teacher, student, scores, out))
+    return dataclasses.replace(cfg, prune=row_prune_config(best, cfg.prune))
 

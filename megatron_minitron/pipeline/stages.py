@@ -211,3 +211,14 @@ def report(cfg: MinitronConfig, summary: Dict, out: Path) -> Dict:
 
     path = write_report(cfg.run.dir) if _world()[0] == 0 else Path(cfg.run.dir) / "report.md"
     return {"report": str(path)}
+
+
+def search(cfg: MinitronConfig, teacher: str, student: str, scores: str, out: Path) -> Dict:
+    """`minitron search` from `student`'s scores; returns the best ranking row."""
+    from megatron_minitron.pipeline.search import run_search
+
+    cfg = dataclasses.replace(
+        cfg, search=dataclasses.replace(cfg.search, checkpoint=student, scores=scores,
+                                        output=str(out)),
+        distill=dataclasses.replace(cfg.distill, teacher_checkpoint=teacher))
+    return run_search(cfg).best
