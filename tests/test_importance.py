@@ -1,4 +1,5 @@
-"""Importance: aggregation math, the scores file, planted structure, permutation and layouts.
+"""Importance: aggregation math, the scores file, planted structure, permutation, layouts,
+padding masks, the magnitude / random baselines, empty calibration splits and the TE spec.
 
 Everything that needs megatron-core runs in spawned processes (tests/distributed.py): one
 single-process run (`single_run`, shared with test_pruning.py) and one two-process run over the
@@ -38,14 +39,21 @@ def model_cfg() -> ModelConfig:
     return ModelConfig(**MODEL)
 
 
-def batches(dp_rank: int = 0, dp_size: int = 1):
-    """Fixed random calibration batches; DP rank r takes micro-batches r, r + dp_size, ..."""
-    g = torch.Generator().manual_seed(0)
+def batches(dp_rank: int = 0, dp_size: int = 1, seq: int = SEQ, padded_from: int = SEQ,
+            pad_seed: int = 1):
+    """Fixed random calibration batches; DP rank r takes micro-batches r, r + dp_size, ...
+    Tokens from padded_from on are padding: loss_mask 0, random from pad_seed."""
+    g, pad = torch.Generator().manual_seed(0), torch.Generator().manual_seed(pad_seed)
     out = []
     for _ in range(NUM_BATCHES):
-        ids = torch.randint(0, MODEL["vocab_size"], (MBS, SEQ + 1), generator=g)
-        out.append({"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(MBS, SEQ),
-                    "position_ids": torch.arange(SEQ).expand(MBS, -1).contiguous()})
+        ids = torch.randint(0, MODEL["vocab_size"], (MBS, SEQ + 1), generator=g)[:, :seq + 1]
+        if padded_from < seq:  # keep the last counted label (ids[padded_from]) real
+            ids[:, padded_from + 1:] = torch.randint(
+                0, MODEL["vocab_size"], ids[:, padded_from + 1:].shape, generator=pad)
+        mask = torch.ones(MBS, seq)
+        mask[:, padded_from:] = 0
+        out.append({"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mask,
+                    "position_ids": torch.arange(seq).expand(MBS, -1).contiguous()})
     mine = out[dp_rank::dp_size]
     return lambda: iter(mine)
 
@@ -107,9 +115,11 @@ def _init(tp=1, pp=1):
 
 
 def _single(root: str):
-    """One process, TP=1: base/planted/permuted scores and the pruning runs of test_pruning."""
+    """One process, TP=1: base/planted/permuted/padded/baseline scores and the pruning runs of
+    test_pruning."""
     from megatron_minitron.checkpoint.dist import CheckpointHeader, save
-    from megatron_minitron.importance.runner import compute_importance
+    from megatron_minitron.importance.baselines import magnitude_scores
+    from megatron_minitron.importance.runner import compute_importance, score_checkpoint
     from megatron_minitron.models.builder import build_model, unwrap
     from test_pruning import pruning_checks
 
@@ -128,8 +138,21 @@ def _single(root: str):
         return s.tensors
 
     out["base"] = scores_of(base_sd, "base")
+    out["base_magnitude"] = magnitude_scores(chunks, m, ctx).tensors
+    # causal attention: the first half of a sequence cannot see the second half, so masking
+    # the second half must give the scores of the first half alone, whatever the padding holds
+    half = dict(num_samples=NUM_BATCHES * MBS, micro_batch_size=MBS, depth_loss=False)
+    out["padded"] = [compute_importance(chunks, m, ImportanceConfig(**half), batches(
+        padded_from=SEQ // 2, pad_seed=k), ctx).tensors for k in (1, 2)]
+    out["truncated"] = compute_importance(chunks, m, ImportanceConfig(**half), batches(
+        seq=SEQ // 2), ctx).tensors
     out["permuted"] = scores_of(permute_groups(base_sd, m, PERM), "permuted")
     out["planted"] = scores_of(plant(base_sd, m), "planted")
+    for source, seed in (("magnitude", 0), ("random", 5), ("random", 5), ("random", 6)):
+        out.setdefault(source, []).append(score_checkpoint(
+            f"{root}/planted", ImportanceConfig(source=source, block_sizes=[1]), None, ctx,
+            parallel, dataclasses.replace(runtime, seed=seed),
+            f"{root}/planted_{source}{seed}.safetensors").tensors)
     out.update(pruning_checks(root, chunks, ctx, runtime))
     return out
 
@@ -146,6 +169,7 @@ def _layouts(root: str):
     from megatron.core import parallel_state as ps
 
     from megatron_minitron.checkpoint.dist import load
+    from megatron_minitron.importance.baselines import magnitude_scores
     from megatron_minitron.importance.runner import compute_importance
     from megatron_minitron.models.builder import build_model
     from test_pruning import logits_at_tp
@@ -158,6 +182,7 @@ def _layouts(root: str):
         s = compute_importance(chunks, model_cfg(), importance_cfg(),
                                batches(ctx.dp_rank, ctx.dp_size), ctx)
         out[name] = s.tensors
+        out[f"{name}_magnitude"] = magnitude_scores(chunks, model_cfg(), ctx).tensors
         if name == "tp2":
             out["pruned_logits_tp2"] = logits_at_tp(f"{root}/pruned", ctx, parallel, runtime)
         ps.destroy_model_parallel()
@@ -286,3 +311,153 @@ def test_scores_file_written_by_the_run_loads(tmp_path):
     assert s.header.block_sizes == [1, 2] and s.header.base_loss > 0
     s.check_model(model_cfg())
     torch.testing.assert_close(s.tensors["mlp.neurons"], run["base"]["mlp.neurons"])
+
+
+# ---- token mask, baselines, calibration splits ---------------------------------------------
+
+@pytest.mark.parametrize("how", ["mean", "l2", "var"])
+def test_masked_sequence_reduction_ignores_padding(how):
+    x = torch.randn(9, 3, 5)  # [s, b, c]
+    mask = torch.ones(3, 9)
+    mask[:, 6:] = 0
+    got = agg.reduce_sequence(x, how, agg_mask(mask))
+    torch.testing.assert_close(got, agg.reduce_sequence(x[:6], how))
+    assert not torch.allclose(got, agg.reduce_sequence(x, how))
+
+
+def agg_mask(loss_mask):
+    m = agg.TokenMask()
+    m.set(loss_mask)
+    return m.value
+
+
+def test_token_mask_costs_nothing_without_padding():
+    assert agg_mask(torch.ones(2, 4)) is None
+    assert agg_mask(torch.tensor([[1.0, 0.0]])).shape == (2, 1, 1)  # [b, s] -> [s, b, 1]
+
+
+def test_padding_tokens_do_not_count_in_width_or_cosine_scores():
+    run = single_run()[1]
+    first, other = run["padded"]
+    for key, ref in run["truncated"].items():
+        torch.testing.assert_close(first[key], ref, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(other[key], first[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_magnitude_ranks_planted_structure_last():
+    root, run = single_run()
+    s = run["magnitude"][0]
+    m = model_cfg()
+    for i in range(m.num_layers):
+        if i == DEAD_LAYER - 1:  # writes nothing: every neuron and head of it is inert
+            assert (s["mlp.neurons"][i] == 0).all() and (s["attention.heads"][i] == 0).all()
+            continue
+        assert _last(s["mlp.neurons"][i], DEAD_NEURONS[i]), i
+        assert _last(s["attention.query_groups"][i], [DEAD_GROUP[i]]), i
+        g = DEAD_GROUP[i]
+        assert _last(s["attention.heads"][i], list(range(g * 2, g * 2 + 2))), i
+    assert _last(s["embedding.channels"], DEAD_CHANNELS)
+    assert not any(k.startswith(("layers.", "blocks.")) for k in s)
+    header = load_scores(f"{root}/planted_magnitude0.safetensors").header
+    assert header.source == "magnitude" and header.num_samples == 0
+    assert header.model_config_hash == model_config_hash(model_cfg())
+
+
+def test_random_scores_are_deterministic_by_seed():
+    a, again, other = single_run()[1]["random"]
+    assert set(a) >= {"mlp.neurons", "attention.heads", "attention.query_groups",
+                      "embedding.channels", "layers.cosine", "layers.loss", "blocks.loss.k1"}
+    for key in a:
+        assert torch.equal(a[key], again[key]), key
+        assert not torch.equal(a[key], other[key]), key
+    torch.testing.assert_close(a["attention.query_groups"],
+                               a["attention.heads"].reshape(4, 2, 2).sum(-1))
+
+
+def test_magnitude_scores_do_not_depend_on_the_layout():
+    reference = single_run()[1]["base_magnitude"]
+    for rank in layout_run():
+        for name in ("tp2", "pp2", "dp2"):
+            for key, ref in reference.items():
+                torch.testing.assert_close(rank[f"{name}_magnitude"][key], ref, rtol=1e-5,
+                                           atol=1e-6, msg=lambda msg: f"{name} {key}: {msg}")
+
+
+def test_importance_source_is_validated():
+    with pytest.raises(ConfigError) as e:
+        ImportanceConfig(source="gradient")
+    assert e.value.field == "importance.source"
+
+
+@pytest.mark.timeout(120)
+def test_a_split_share_without_documents_is_refused_before_it_hangs(tmp_path, monkeypatch):
+    """The 0.1% test share of the default '949,50,1' gets no document of a 200-document
+    corpus; megatron would build that split anyway (for 0 samples) and never return."""
+    from megatron_minitron.config.data import DataConfig
+    from megatron_minitron.data import corpus
+    from megatron_minitron.data.datasets import build_datasets
+    from megatron_minitron.data.preprocess import preprocess
+    from megatron_minitron.data.tokenizer import ByteTokenizer
+
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path / "cache"))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(f'{{"text": "document {k} " }}\n' for k in range(200)))
+    prefix = preprocess([str(docs)], str(tmp_path / "docs"), ByteTokenizer(),
+                        progress=False).output_prefix
+    with pytest.raises(ConfigError) as e:
+        build_datasets(DataConfig(paths=[prefix], seq_length=8), ByteTokenizer(), (4, 0, 0), 1)
+    assert e.value.field == "data.split" and "'949,50,0'" in str(e.value)
+    calib = build_datasets(DataConfig(paths=[prefix], seq_length=8, split="949,50,0"),
+                           ByteTokenizer(), (4, 0, 0), 1)[0]
+    assert len(calib) >= 4
+
+
+# ---- Transformer-Engine layer spec (GPU) ---------------------------------------------------
+
+TE_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+            "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def _local_and_te_scores():
+    """Spawned: the same weights in the local and the TE spec, scored by both sources."""
+    from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
+    from megatron_minitron.importance.baselines import magnitude_scores
+    from megatron_minitron.importance.runner import compute_importance
+    from megatron_minitron.models.builder import build_model, unwrap
+    from megatron_minitron.runtime.distributed import initialize
+
+    parallel, m = ParallelConfig(), model_cfg()
+    runtime = lambda impl: RuntimeConfig(device="cuda", transformer_impl=impl,  # noqa: E731
+                                         precision="fp32")
+    ctx = initialize(parallel, runtime("local"))
+    cfg = ImportanceConfig(num_samples=NUM_BATCHES * MBS, micro_batch_size=MBS, depth_loss=False)
+    out, sd = {}, None
+    for impl in ("local", "transformer_engine"):
+        chunks = build_model(m, parallel, runtime(impl), ctx.device)
+        gpt = unwrap(chunks[0])
+        if sd is None:
+            sd = {k: v for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+        else:  # TE keeps the two per-layer norms inside linear_qkv / linear_fc1
+            renamed = {next((k.replace(a, b) for a, b in TE_NORMS.items() if k.endswith(a)), k): v
+                       for k, v in sd.items()}
+            missing, unexpected = gpt.load_state_dict(renamed, strict=False)
+            assert not unexpected and all(k.endswith("_extra_state") for k in missing), \
+                (missing, unexpected)
+        scores = compute_importance(chunks, m, cfg, batches(), ctx).tensors
+        scores.update({f"magnitude.{k}": v for k, v in
+                       magnitude_scores(chunks, m, ctx).tensors.items()})
+        out[impl] = {k: v.float().cpu() for k, v in scores.items()}
+    return out
+
+
+@pytest.mark.gpu
+def test_transformer_engine_spec_scores_like_the_local_spec():
+    """TE fuses input_layernorm / pre_mlp_layernorm into linear_qkv / linear_fc1 and never
+    materialises their output: the hooks recompute it from the fused linear's input and
+    layer_norm_weight, so the channel (and every other) score must match the local spec's."""
+    pytest.importorskip("transformer_engine")
+    out = run_distributed(_local_and_te_scores, 1)[0]
+    assert out["local"].keys() == out["transformer_engine"].keys()
+    for key, ref in out["local"].items():  # TE may run fp32 GEMMs in TF32
+        torch.testing.assert_close(out["transformer_engine"][key], ref, rtol=2e-3, atol=1e-4,
+                                   msg=lambda msg: f"{key}: {msg}")

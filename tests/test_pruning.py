@@ -33,6 +33,12 @@ def planted_cfg() -> PruneConfig:
                        head_mode="groups", depth_metric="cosine")
 
 
+def magnitude_cfg() -> PruneConfig:
+    """planted_cfg without depth: magnitude scores rank no layers."""
+    return PruneConfig(target=PruneTarget(hidden_size=60, ffn_hidden_size=189,
+                                          num_query_groups=1), head_mode="groups")
+
+
 def zero_dropped(sd, plan):
     """The source model with every dropped head / neuron / layer silenced: what slicing must
     reproduce exactly when only heads, neurons and layers shrink."""
@@ -95,6 +101,13 @@ def pruning_checks(root, chunks, ctx, runtime):
                             f"{root}/planted_pruned", ctx, runtime)
     out["planted_pruned"] = (pruned_logits(path, SQRT), logits(chunks, tokens))
     out["planted_target"] = read_header(path).model
+    # the baselines' scores files go through the same prune path unchanged
+    path = prune_checkpoint(f"{root}/planted", f"{root}/planted_magnitude0.safetensors",
+                            magnitude_cfg(), f"{root}/magnitude_pruned", ctx, runtime)
+    out["magnitude_pruned"] = (pruned_logits(path, SQRT), logits(chunks, tokens))
+    path = prune_checkpoint(f"{root}/planted", f"{root}/planted_random5.safetensors",
+                            planted_cfg(), f"{root}/random_pruned", ctx, runtime)
+    out["random_pruned"] = (pruned_logits(path), read_header(path).model)
     return out
 
 
@@ -281,3 +294,26 @@ def test_pruned_checkpoint_loads_at_another_tp():
     pruned, _ = single_run()[1]["equivalence"]
     for rank in layout_run():
         torch.testing.assert_close(rank["pruned_logits_tp2"], pruned, rtol=1e-5, atol=1e-5)
+
+
+# ---- baseline scores -----------------------------------------------------------------------
+
+def test_magnitude_scores_prune_the_planted_structure_with_unchanged_logits():
+    pruned, planted = single_run()[1]["magnitude_pruned"]
+    torch.testing.assert_close(pruned, planted, rtol=1e-5, atol=1e-5)
+
+
+def test_random_scores_prune_through_the_same_path():
+    pruned_logits, target = single_run()[1]["random_pruned"]
+    assert (target.hidden_size, target.ffn_hidden_size, target.num_query_groups,
+            target.num_layers) == (60, 189, 1, 3)
+    assert torch.isfinite(pruned_logits).all()
+
+
+def test_magnitude_scores_rank_no_layers():
+    m, s = model_cfg(), fake_scores()
+    s = Scores({k: v for k, v in s.tensors.items() if not k.startswith(("layers", "blocks"))},
+               dataclasses.replace(s.header, source="magnitude", block_sizes=[]))
+    with pytest.raises(ConfigError, match="depth_mode=list"):
+        select_layers(m, 3, s, PruneConfig())
+    assert select_layers(m, 3, s, PruneConfig(depth_mode="list", drop_layers=[2])) == [1, 3, 4]

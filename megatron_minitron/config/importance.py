@@ -6,6 +6,7 @@ from typing import List, Optional
 from megatron_minitron.config.errors import ConfigError
 
 AGGREGATIONS = ("mean", "l2", "var")
+SOURCES = ("activation", "magnitude", "random")
 
 
 @dataclass
@@ -14,7 +15,18 @@ class ImportanceConfig:
 
     Width: each sample's activations are first reduced over the sequence (seq_aggregation),
     then the per-sample values over all samples (sample_aggregation). "mean" averages |x|,
-    "l2" is the Euclidean norm, "var" the (population) variance of x."""
+    "l2" is the Euclidean norm, "var" the (population) variance of x. Tokens with loss_mask
+    0 (padding) count in no statistic, and a sample with none left counts as no sample.
+
+    The "magnitude" and "random" sources are baselines to compare pruning quality against;
+    they read no data and write the same scores file (importance/baselines.py)."""
+
+    source: str = "activation"
+    """Where width scores come from. "activation": forward passes on calibration data (the
+    Minitron method). "magnitude": weight norms only; a neuron scores ||its linear_fc1 rows||
+    x ||its linear_fc2 column||, a head ||its group's value rows|| x ||its linear_proj
+    columns||, a channel ||what writes it|| x ||what reads it||; no depth scores. "random":
+    uniform scores from runtime.seed, depth scores included (random layer ranking)."""
 
     checkpoint: Optional[str] = None
     """Checkpoint to score (a step folder or a root holding `latest`). None: checkpoint.load."""
@@ -39,6 +51,9 @@ class ImportanceConfig:
     per block). Depth pruning to num_layers - k by contiguous block needs k here."""
 
     def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ConfigError("importance.source", f"unknown {self.source!r}",
+                              f"use one of {SOURCES}")
         for name in ("seq_aggregation", "sample_aggregation"):
             if getattr(self, name) not in AGGREGATIONS:
                 raise ConfigError(f"importance.{name}", f"unknown {getattr(self, name)!r}",

@@ -66,21 +66,26 @@ def check_prefix(prefix: str) -> int:
 
 
 def check_split(prefix: str, documents: int, split: str, num_samples: Sequence[int]) -> None:
-    """A split that must give samples but rounds to zero documents would hang megatron's
-    epoch count (zero tokens per epoch never reach the request), so refuse it here."""
+    """Refuse a split with a share that rounds to zero documents. Megatron builds every split
+    with a share, even one asked for 0 samples, and its epoch count then never ends (zero
+    tokens per epoch never reach the 1 extra token it always requests): e.g. the 0.1% test
+    share of '949,50,1' on a corpus of fewer than 500 documents hangs `minitron importance`."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bounds, wanted in zip(SPLITS, matrix, num_samples):
-        if bounds is None or not wanted:
+    for i, (name, bounds, wanted) in enumerate(zip(SPLITS, matrix, num_samples)):
+        if bounds is None:
             continue
         beg, end = (int(round(b * documents)) for b in bounds)
         if end <= beg:
+            shares = split.split(",")
+            shares[i] = "0"
+            unused = f"data.split='{','.join(shares)}' if the {name} split is not used, or "
             raise ConfigError("data.split", f"the {name} split of {split!r} gets no document of "
                               f"the {documents} in {prefix}",
-                              f"give {name} a larger share, or use a dataset with more "
-                              "documents")
+                              f"{'' if wanted else unused}give {name} a larger share, or use a "
+                              "dataset with more documents")
 
 
 def gpt_dataset_config(data: DataConfig, prefixes: List[str], tokenizer: Tokenizer, seed: int):

@@ -7,7 +7,7 @@ only. A plain sum over the TP, PP and DP groups then yields the global statistic
 layout; the nonlinear aggregation over samples happens afterwards (`finalize`).
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -16,31 +16,57 @@ from megatron_minitron.config.model import ModelConfig
 Stats = Dict[str, torch.Tensor]
 
 
-def new_stats(model: ModelConfig) -> Stats:
-    """Zeroed statistics for every score of `model` (sums and sums of squares per sample)."""
+def new_stats(model: ModelConfig, device: Optional[torch.device] = None) -> Stats:
+    """Zeroed statistics for every score of `model` (sums and sums of squares per sample), on
+    the activations' device so that the hooks add without a copy or a sync."""
     L, h, f, nq = model.num_layers, model.hidden_size, model.ffn_hidden_size, \
         model.num_attention_heads
-    z = lambda *shape: torch.zeros(*shape, dtype=torch.float32)  # noqa: E731
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
     return {
-        "samples": torch.zeros((), dtype=torch.float64),
+        "samples": torch.zeros((), dtype=torch.float64, device=device),
         "neuron_sum": z(L, f), "neuron_sumsq": z(L, f),
         "head_sum": z(L, nq), "head_sumsq": z(L, nq),
         # rows: 2*(l-1) input_layernorm of layer l, 2*(l-1)+1 pre_mlp_layernorm, 2L final norm
         "norm_sum": z(2 * L + 1, h), "norm_sumsq": z(2 * L + 1, h),
-        "cos_sum": torch.zeros(L, dtype=torch.float64),
-        "cos_tokens": torch.zeros(L, dtype=torch.float64),
+        "cos_sum": torch.zeros(L, dtype=torch.float64, device=device),
+        "cos_tokens": torch.zeros(L, dtype=torch.float64, device=device),
     }
 
 
-def reduce_sequence(x: torch.Tensor, how: str) -> torch.Tensor:
-    """One value per sample and channel. # [s, b, c] -> [b, c]"""
+class TokenMask:
+    """The current micro-batch's loss_mask for the hooks: tokens with mask 0 (padding) must not
+    count in any statistic. `value` is None when every token counts, so the common unpadded
+    batch pays nothing."""
+
+    def __init__(self):
+        self.value: Optional[torch.Tensor] = None
+
+    def set(self, loss_mask: torch.Tensor) -> None:
+        m = loss_mask.float()
+        self.value = None if bool((m > 0).all()) else m.t().unsqueeze(-1)  # [b, s] -> [s, b, 1]
+
+
+def reduce_sequence(x: torch.Tensor, how: str, mask: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """One value per sample and channel over the tokens with mask > 0 (all if mask is None).
+    # [s, b, c], mask [s, b, 1] -> [b, c]"""
+    if mask is None and how == "mean":  # the default: |x| is exact in bf16, sum it in fp32
+        return x.abs().mean(dim=0, dtype=torch.float32)
     x = x.float()
-    if how == "mean":
-        return x.abs().mean(dim=0)
-    if how == "l2":
-        return x.pow(2).sum(dim=0).sqrt()
-    if how == "var":
-        return x.var(dim=0, unbiased=False)
+    if mask is None:
+        if how == "l2":
+            return x.pow(2).sum(dim=0).sqrt()
+        if how == "var":
+            return x.var(dim=0, unbiased=False)
+    else:
+        n = mask.sum(dim=0).clamp_min(1.0)  # [b, 1]
+        if how == "mean":
+            return (x.abs() * mask).sum(dim=0) / n
+        if how == "l2":
+            return (x.pow(2) * mask).sum(dim=0).sqrt()
+        if how == "var":
+            mean = (x * mask).sum(dim=0) / n
+            return ((x - mean).pow(2) * mask).sum(dim=0) / n
     raise ValueError(f"unknown sequence aggregation {how!r}")
 
 

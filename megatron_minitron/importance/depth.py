@@ -7,12 +7,12 @@ Two signals, both from forward passes:
 """
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator, List
+from typing import Iterable, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron_minitron.importance.aggregation import Stats
+from megatron_minitron.importance.aggregation import Stats, TokenMask
 from megatron_minitron.importance.hooks import HookSet, transformer_layers
 
 
@@ -26,18 +26,26 @@ def token_cosines(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
 
 
 class CosineHooks(HookSet):
-    """Context manager: adds per-layer cosine sums and token counts to stats["cos_*"]. TP ranks
-    see the same hidden states, so only TP rank 0 accumulates."""
+    """Context manager: adds per-layer cosine sums and token counts to stats["cos_*"] over the
+    tokens `mask` lets count. TP ranks see the same hidden states, so only TP rank 0
+    accumulates."""
 
-    def __init__(self, chunks: List[torch.nn.Module], stats: Stats, tp_rank: int):
+    def __init__(self, chunks: List[torch.nn.Module], stats: Stats, tp_rank: int,
+                 mask: Optional[TokenMask] = None):
         self.chunks, self.stats, self.tp_rank = chunks, stats, tp_rank
+        self.mask = mask or TokenMask()
         self.handles: list = []
 
     def _hook(self, layer, args, kwargs, output):
-        cos = token_cosines(_hidden_in(args, kwargs), output[0])
+        cos = token_cosines(_hidden_in(args, kwargs), output[0])  # [s, b]
         i = layer.layer_number - 1
-        self.stats["cos_sum"][i] += cos.double().sum()
-        self.stats["cos_tokens"][i] += cos.numel()
+        if self.mask.value is None:
+            self.stats["cos_sum"][i] += cos.double().sum()
+            self.stats["cos_tokens"][i] += cos.numel()
+        else:
+            m = self.mask.value[..., 0]  # [s, b, 1] -> [s, b]
+            self.stats["cos_sum"][i] += (cos * m).double().sum()
+            self.stats["cos_tokens"][i] += m.double().sum()
 
     def __enter__(self) -> "CosineHooks":
         if self.tp_rank == 0:

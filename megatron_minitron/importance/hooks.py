@@ -8,6 +8,8 @@ With the Transformer-Engine spec the two per-layer norms are fused into linear_q
 (TELayerNormColumnParallelLinear, input_layernorm is an IdentityOp) and their output is never
 materialised; we then hook the fused linear's input and recompute the normalised activation
 from its layer_norm_weight/bias (`normalised`), so both specs give the same statistic.
+Tokens whose loss_mask is 0 (padding) are left out of every statistic (aggregation.TokenMask,
+set by the runner before each micro-batch's forward).
 ColumnParallel shards are contiguous blocks of neurons / query groups, so TP rank r owns global
 columns [r * local, (r + 1) * local).
 """
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
-from megatron_minitron.importance.aggregation import Stats, accumulate, head_norms, reduce_sequence
+from megatron_minitron.importance.aggregation import (Stats, TokenMask, accumulate, head_norms,
+                                                      reduce_sequence)
 
 
 def first_input(args, kwargs) -> torch.Tensor:
@@ -77,13 +80,19 @@ class HookSet:
 
 
 class WidthHooks(HookSet):
-    """Context manager: while active, forward passes add to `stats` (global-shaped, fp32)."""
+    """Context manager: while active, forward passes add to `stats` (global-shaped, fp32),
+    over the tokens that `mask` (set per micro-batch by the caller) lets count."""
 
     def __init__(self, chunks: List[torch.nn.Module], model: ModelConfig, stats: Stats,
-                 seq_aggregation: str, tp_rank: int, tp_size: int):
+                 seq_aggregation: str, tp_rank: int, tp_size: int,
+                 mask: Optional[TokenMask] = None):
         self.chunks, self.model, self.stats = chunks, model, stats
         self.how, self.tp_rank, self.tp_size = seq_aggregation, tp_rank, tp_size
+        self.mask = mask or TokenMask()
         self.handles: list = []
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_sequence(x, self.how, self.mask.value)
 
     def _pre(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
         hook = lambda m, args, kwargs: fn(first_input(args, kwargs))  # noqa: E731
@@ -97,7 +106,7 @@ class WidthHooks(HookSet):
         """Channel statistics of one norm's output; TP ranks see the same, rank 0 keeps it."""
         if self.tp_rank != 0:
             return
-        add = lambda y: accumulate(self.stats, "norm", row, 0, reduce_sequence(y, self.how))  # noqa: E731
+        add = lambda y: accumulate(self.stats, "norm", row, 0, self._reduce(y))  # noqa: E731
         if is_fused_norm(fused_into):
             self._pre(fused_into, lambda x: add(fused_norm_output(fused_into, x)))
         else:
@@ -106,14 +115,13 @@ class WidthHooks(HookSet):
     def _neurons(self, row: int, x: torch.Tensor) -> None:
         # [s, b, f/tp] -> [b, f/tp] at global columns of this TP shard
         local = x.shape[-1]
-        accumulate(self.stats, "neuron", row, self.tp_rank * local, reduce_sequence(x, self.how))
+        accumulate(self.stats, "neuron", row, self.tp_rank * local, self._reduce(x))
 
     def _heads(self, row: int, x: torch.Tensor) -> None:
         # [s, b, np*hn] -> [s, b, np] -> [b, np] at global head indices of this TP shard
         per_head = head_norms(x, self.model.kv_channels)
         local = per_head.shape[-1]
-        accumulate(self.stats, "head", row, self.tp_rank * local,
-                   reduce_sequence(per_head, self.how))
+        accumulate(self.stats, "head", row, self.tp_rank * local, self._reduce(per_head))
 
     def __enter__(self) -> "WidthHooks":
         L = self.model.num_layers

@@ -32,8 +32,11 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor], ctx) -> None:
     if ctx is None or ctx.world_size == 1:
         return
     for t in tensors:
+        buf = t.to(ctx.device)  # NCCL reduces device tensors only; no copy under gloo/CPU
         for group in (ctx.tp_group, ctx.pp_group, ctx.dp_group):
-            dist.all_reduce(t, group=group)
+            dist.all_reduce(buf, group=group)
+        if buf is not t:
+            t.copy_(buf)
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -44,24 +47,29 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return total, mask.sum().to(torch.int), {"lm_loss": report}
 
 
-def _forward_step(device: torch.device, data_iterator, model):
+def _forward_step(device: torch.device, on_batch: Optional[Callable[[Batch], None]],
+                  data_iterator, model):
     batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    if on_batch is not None:  # every stage runs its micro-batches in order: set, then forward
+        on_batch(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
 
 def _counting(batches: List[Batch], stats: Optional[agg.Stats]):
     for b in batches:
-        if stats is not None:
-            stats["samples"] += b["tokens"].shape[0]
+        if stats is not None:  # a sample that is all padding is no sample
+            stats["samples"] += int((b["loss_mask"] > 0).any(dim=1).sum())
         yield b
 
 
 def forward_pass(chunks: List[torch.nn.Module], make_batches: MakeBatches, ctx,
-                 stats: Optional[agg.Stats] = None) -> torch.Tensor:
+                 stats: Optional[agg.Stats] = None,
+                 on_batch: Optional[Callable[[Batch], None]] = None) -> torch.Tensor:
     """One forward-only pass through megatron's schedule (any PP/VPP). Returns this rank's
     [masked loss sum, token count] in fp64: nonzero on last-stage TP rank 0 only. Counts
-    samples into stats["samples"] on first-stage TP rank 0."""
+    samples into stats["samples"] on first-stage TP rank 0. on_batch(batch) runs before each
+    micro-batch's forward on every stage (the hooks' token mask)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batches = list(make_batches())
@@ -74,7 +82,7 @@ def forward_pass(chunks: List[torch.nn.Module], make_batches: MakeBatches, ctx,
     iters = [_counting(batches, owner if i == 0 else None) for i in range(len(chunks))]
     with torch.no_grad():
         out = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, ctx.device),
+            forward_step_func=partial(_forward_step, ctx.device, on_batch),
             data_iterator=iters if len(chunks) > 1 else iters[0],
             model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=len(batches), seq_length=s, micro_batch_size=b,
@@ -105,14 +113,15 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
                           "sequence on every TP rank", "set parallel.sequence_parallel=false")
     for c in chunks:
         c.eval()
-    stats = agg.new_stats(model)
+    stats, mask = agg.new_stats(model, ctx.device), agg.TokenMask()
     with ExitStack() as hooks:
         if cfg.width:
             hooks.enter_context(WidthHooks(chunks, model, stats, cfg.seq_aggregation,
-                                           ctx.tp_rank, ctx.tp_size))
+                                           ctx.tp_rank, ctx.tp_size, mask))
         if cfg.depth_cosine:
-            hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank))
-        base = forward_pass(chunks, make_batches, ctx, stats)
+            hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank, mask))
+        base = forward_pass(chunks, make_batches, ctx, stats,
+                            on_batch=lambda b: mask.set(b["loss_mask"]))
     all_reduce_sum([base, *stats.values()], ctx)
     base_loss = float(base[0] / base[1].clamp_min(1.0))
 
@@ -135,21 +144,28 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
         num_samples=int(stats["samples"]), seq_aggregation=cfg.seq_aggregation,
         sample_aggregation=cfg.sample_aggregation, data=dict(data or {}), base_loss=base_loss,
         block_sizes=sizes, layout={"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size})
-    return Scores(tensors, header)
+    return Scores({k: v.cpu() for k, v in tensors.items()}, header)
 
 
-def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: MakeBatches, ctx,
-                     parallel, runtime, output: Optional[str] = None,
+def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: Optional[MakeBatches],
+                     ctx, parallel, runtime, output: Optional[str] = None,
                      data: Optional[Dict[str, Any]] = None) -> Scores:
-    """Build the checkpoint's model for this layout, load it, score it; rank 0 writes `output`."""
+    """Build the checkpoint's model for this layout, load it, score it by cfg.source; rank 0
+    writes `output`. The baselines need no make_batches (random needs no weights either)."""
     from megatron_minitron.checkpoint.dist import load, read_header
+    from megatron_minitron.importance.baselines import magnitude_scores, random_scores
     from megatron_minitron.importance.scores import save_scores
     from megatron_minitron.models.builder import build_model
 
     model = read_header(checkpoint).model
-    chunks = build_model(model, parallel, runtime, ctx.device)
-    load(checkpoint, chunks, ctx=ctx)
-    scores = compute_importance(chunks, model, cfg, make_batches, ctx, data)
+    if cfg.source == "random":
+        scores = random_scores(model, cfg, runtime.seed, ctx)
+    else:
+        chunks = build_model(model, parallel, runtime, ctx.device)
+        load(checkpoint, chunks, ctx=ctx)
+        scores = (magnitude_scores(chunks, model, ctx) if cfg.source == "magnitude" else
+                  compute_importance(chunks, model, cfg, make_batches, ctx, data))
+        del chunks
     if output is not None and ctx.rank == 0:
         save_scores(output, scores)
     if ctx.world_size > 1:

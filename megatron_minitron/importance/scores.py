@@ -9,7 +9,8 @@ Tensors (global order, layer rows 0-based = layer_number - 1; higher means more 
   layers.cosine                [num_layers]                    1 - mean cosine(in, out)
   layers.loss                  [num_layers]                    LM-loss increase, layer skipped
   blocks.loss.k<k>             [num_layers - k + 1]            same, layers i+1..i+k skipped
-The header ties the scores to the model they were measured on (model_config_hash).
+The header ties the scores to the model they were measured on (model_config_hash) and names
+their source (activation, or the magnitude / random baselines of baselines.py).
 """
 
 import dataclasses
@@ -55,6 +56,8 @@ class ScoresHeader:
     """Block sizes k with blocks.loss.k<k> tensors."""
     layout: Dict[str, int] = dataclasses.field(default_factory=dict)
     """TP/PP/DP that computed the scores (informational: scores do not depend on it)."""
+    source: str = "activation"
+    """importance.source: "activation", or the "magnitude" / "random" baseline."""
     version: int = FORMAT_VERSION
     """Scores file format version."""
 
@@ -66,17 +69,21 @@ class Scores:
 
     def get(self, name: str, field: str = "prune.scores") -> torch.Tensor:
         if name not in self.tensors:
-            raise ConfigError(field, f"the scores file has no {name!r} (it has "
-                              f"{sorted(self.tensors)})",
-                              "rerun `minitron importance` with that score enabled")
+            fix = ("use activation or random scores, or prune.depth_mode=list" if
+                   self.header.source == "magnitude" else
+                   "rerun `minitron importance` with that score enabled")
+            raise ConfigError(field, f"the {self.header.source} scores file has no {name!r} "
+                              f"(it has {sorted(self.tensors)})", fix)
         return self.tensors[name]
 
     def block_loss(self, k: int, field: str = "prune.depth_mode") -> torch.Tensor:
         if k not in self.header.block_sizes:
+            fix = ("magnitude scores rank no layers: use activation or random scores, or "
+                   "depth_mode=list" if self.header.source == "magnitude" else
+                   f"rerun importance with importance.block_sizes=[{k}] or use "
+                   "depth_mode=score")
             raise ConfigError(field, f"no block scores for blocks of {k} layers (have "
-                              f"{self.header.block_sizes})",
-                              f"rerun importance with importance.block_sizes=[{k}] or use "
-                              "depth_mode=score")
+                              f"{self.header.block_sizes})", fix)
         return self.tensors[f"blocks.loss.k{k}"]
 
     def check_model(self, model: ModelConfig, field: str = "prune.scores") -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -130,7 +131,8 @@ def distill_student(cfg: MinitronConfig, teacher: str, student: str, out: Path) 
 
 
 def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
-    """Importance scores of `checkpoint` on calibration samples from cfg.data."""
+    """Importance scores of `checkpoint` (importance.source: activations on calibration samples
+    from cfg.data, or a data-free baseline); rank 0 writes `output`."""
     import torch.distributed as dist
 
     from megatron_minitron.data.datasets import build_datasets
@@ -144,17 +146,21 @@ def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
     cfg = dataclasses.replace(cfg, model=header.model)  # its architecture, checked vs layout
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
-        tok = resolve_tokenizer(cfg, header)
-        calib = build_datasets(cfg.data, tok, (imp.num_samples, 0, 0), cfg.runtime.seed,
-                               is_rank0=ctx.rank == 0, barrier=dist.barrier)[0]
-        data = {"paths": cfg.data.paths, "split": cfg.data.split, "seed": cfg.runtime.seed,
-                "seq_length": cfg.data.seq_length, "tokenizer": tok.describe()}
-        score_checkpoint(checkpoint, imp, lambda: calibration_batches(
-            calib, imp.num_samples, imp.micro_batch_size, ctx.dp_rank, ctx.dp_size),
-            ctx, cfg.parallel, cfg.runtime, output, data)
+        make_batches, data = None, None  # the magnitude and random baselines read no data
+        if imp.source == "activation":
+            tok = resolve_tokenizer(cfg, header)
+            calib = build_datasets(cfg.data, tok, (imp.num_samples, 0, 0), cfg.runtime.seed,
+                                   is_rank0=ctx.rank == 0, barrier=dist.barrier)[0]
+            data = {"paths": cfg.data.paths, "split": cfg.data.split, "seed": cfg.runtime.seed,
+                    "seq_length": cfg.data.seq_length, "tokenizer": tok.describe()}
+            make_batches = partial(calibration_batches, calib, imp.num_samples,
+                                   imp.micro_batch_size, ctx.dp_rank, ctx.dp_size)
+        score_checkpoint(checkpoint, imp, make_batches, ctx, cfg.parallel, cfg.runtime, output,
+                         data)
     finally:
         teardown()
-    return {"scores": output, "tokens": imp.num_samples * cfg.data.seq_length}
+    tokens = imp.num_samples * cfg.data.seq_length if imp.source == "activation" else 0
+    return {"scores": output, "tokens": tokens}
 
 
 def prune(cfg: MinitronConfig, checkpoint: str, scores: Optional[str], output: str) -> Dict:
