@@ -1,11 +1,20 @@
 """Distillation benchmarks.
 
+(a) Speed: the time of one distillation step (teacher forward + student forward/backward + KD
+loss + optimizer step, through the training loop's KDStep) divided by the time of a student
+training step (LMStep) plus a teacher forward pass on the same batch. Target: under 1.1. All
+three run in one process, interleaved round by round (bench/stats.py); median and range of the
+per-round ratio. Teacher: the llama_10m shape (8 layers, hidden 256, vocab 8192); student: the
+same with half the layers (a depth-pruned student).
+
+    python bench/kd_step.py --part a [--rounds 10] [--precision fp32|bf16] [--hidden]
+
 (b) Peak memory of the logit loss, forward + backward, at a large vocabulary: the chunked
 vocab-parallel loss (megatron_minitron.distill.losses) against a naive full-vocabulary fp32
 version (log_softmax of both logits, KL, backward). Target: chunked <= 1/4 of naive.
 
-    python bench/kd_step.py            # vocab 49152 and 128256, 8192 tokens
-    python bench/kd_step.py --quick    # fewer tokens, well under a minute
+    python bench/kd_step.py --part b          # vocab 49152 and 128256, 8192 tokens
+    python bench/kd_step.py --part b --quick  # fewer tokens, well under a minute
 
 Peak memory is the increase over the inputs (teacher and student logits, already allocated):
 on CUDA torch.cuda.max_memory_allocated; on CPU each measurement runs in a fresh subprocess that
@@ -13,9 +22,6 @@ resets the kernel's peak-RSS counter (/proc/self/clear_refs, else ru_maxrss) onc
 exist and reads VmHWM after backward. Both variants write the student logits' gradient, which
 is counted in both. A naive run that would not fit in this machine's free memory is skipped and
 the vocabulary is measured again at the largest token count that fits.
-
-(a) The time of a distillation step against a student step + teacher forward needs the training
-loop's KD step; it is to be added here next to (b).
 """
 
 import argparse
@@ -25,8 +31,13 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import interleaved, ratio_summary  # noqa: E402
 
 GIB = 1024 ** 3
 NAIVE_FP32_COPIES = 5  # measured peak of the naive version, in tokens x vocab fp32 tensors
@@ -118,6 +129,72 @@ def rows_for(vocab: int, tokens: int, device: str):
     return [(tokens, False), (smaller, True)]
 
 
+def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool) -> None:
+    """(a): KD step / (student LM step + teacher forward), interleaved in one process."""
+    import dataclasses
+
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.distill.kd_step import KDStep
+    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.training.lm_step import LMStep
+    from megatron_minitron.training.loop import Trainer
+    from megatron_minitron.training.metrics import MetricsWriter
+    from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
+                                                      wrap_ddp)
+
+    over = ["model=llama_10m", f"data.seq_length={seq}", f"train.micro_batch_size={mbs}",
+            f"train.global_batch_size={mbs}", f"runtime.precision={precision}",
+            "logger.backend=none", "train.train_iters=1000"]
+    if hidden:
+        over += ["distill.hidden_loss=cosine", "distill.layer_pairs=[[4,2],[8,4]]"]
+    cfg = load_config(over)
+    ctx = initialize(cfg.parallel, cfg.runtime)
+    teacher_model = cfg.model
+    student_model = dataclasses.replace(teacher_model, num_layers=teacher_model.num_layers // 2)
+    cfg = dataclasses.replace(cfg, model=student_model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, student_model.vocab_size, (mbs, seq + 1), generator=g)
+    batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(mbs, seq),
+             "position_ids": torch.arange(seq).expand(mbs, -1)}
+    teacher = build_model(teacher_model, cfg.parallel, cfg.runtime, ctx.device)[0]
+    teacher.eval().requires_grad_(False)
+
+    def trainer(make_step):
+        raw = build_model(student_model, cfg.parallel, cfg.runtime, ctx.device)
+        step = make_step(raw)
+        chunks = wrap_ddp(raw)
+        opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
+        attach_schedule_hooks(chunks, opt)
+        return Trainer(cfg, ctx, chunks, step, opt, sched, None,
+                       MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+
+    kd = trainer(lambda raw: KDStep(cfg.distill, teacher, raw[0], ctx.tp_group,
+                                    student_model.vocab_size, ctx.device, seed=0))
+    lm = trainer(lambda raw: LMStep(ctx.device))
+    it = iter(lambda: batch, None)  # the same batch forever
+
+    def teacher_forward():
+        with torch.no_grad():
+            teacher(batch["tokens"], batch["position_ids"], None)
+
+    fns = {"kd": lambda: kd.train_step(it), "lm": lambda: lm.train_step(it),
+           "teacher": teacher_forward}
+    print(f"(a) teacher {teacher_model.num_layers} layers, student {student_model.num_layers}"
+          f", hidden {student_model.hidden_size}, vocab {student_model.padded_vocab_size}, "
+          f"batch {mbs}x{seq}, {precision}, hidden-state loss: {cfg.distill.hidden_loss}, "
+          f"threads {torch.get_num_threads()}")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    # wall time, then CPU time of this process (steadier when other jobs share the cores)
+    for clock, what in ((time.perf_counter, "wall"), (time.process_time, "CPU")):
+        times = interleaved(fns, rounds, clock=clock)
+        base = [a + b for a, b in zip(times["lm"], times["teacher"])]
+        print("  ".join(f"{k} {med(times[k]) * 1e3:.0f} ms" for k in fns) + f" ({what})")
+        print(f"KD step / (student step + teacher forward), {what} time: "
+              f"{ratio_summary(times['kd'], base)}")
+    teardown()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens (~1 minute on CPU)")
@@ -126,11 +203,21 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--chunk", type=int, default=1024, help="distill.token_chunk_size")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--rounds", type=int, default=10, help="(a) timed rounds")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="(a)")
+    parser.add_argument("--seq", type=int, default=256, help="(a) sequence length")
+    parser.add_argument("--mbs", type=int, default=4, help="(a) micro-batch size")
+    parser.add_argument("--hidden", action="store_true", help="(a) add two hidden-state pairs")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         variant, vocab, tokens, dtype, chunk = args.child
         print(json.dumps(measure(variant, int(vocab), int(tokens), dtype, int(chunk), "cpu")))
+        return
+    if args.part in ("a", "all"):
+        step_speed(args.rounds, args.precision, args.seq, args.mbs, args.hidden)
+    if args.part == "a":
         return
     tokens = args.tokens or (2048 if args.quick else 8192)
     print(f"(b) logit loss peak memory, forward+backward, {args.dtype} logits [s, 1, v], "

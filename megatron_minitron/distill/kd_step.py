@@ -1,43 +1,89 @@
-"""The distillation step: the LM step's contract, with a frozen teacher beside the student."""
+"""The distillation step: the LM step's contract, with a frozen teacher beside the student.
+
+One object per student chunk, for every layout: without pipeline parallelism the teacher runs
+whole beside the student; with it, each stage runs its teacher layers beside its student layers
+and the stage-to-stage tensor carries both (distill/pipeline.py explains the design, including
+how hidden-state terms of early stages reach the loss on the last stage)."""
 
 from functools import partial
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
 import torch
 
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill.balancing import combine
+from megatron_minitron.distill.hidden import EMBEDDING, HiddenStateLoss, StateCapture
 from megatron_minitron.distill.losses import logit_distillation_loss
+from megatron_minitron.distill.pipeline import StageChannel
+from megatron_minitron.models.builder import unwrap
 from megatron_minitron.training.lm_step import to_device
 
 
 class KDStep:
-    """Logit KD (forward KL by default) from `teacher` to the student chunk the schedule runs.
-    The teacher runs under no_grad in eval mode; its logits are freed as soon as the loss is
-    computed (the chunked loss keeps neither side's logits for backward)."""
+    """Logit KD (forward KL by default) plus optional hidden-state terms, from `teacher` to the
+    student chunk the schedule runs. The teacher runs under no_grad in eval mode; its logits are
+    freed as soon as the loss is computed (the chunked loss keeps neither side's logits for
+    backward).
 
-    loss_names = ("kd_loss", "lm_loss")
+    With hidden-state losses the step attaches its HiddenStateLoss (the projections of this
+    stage's pairs) to the student's GPTModel: build the step before the chunks are wrapped in
+    DDP and before the optimizer, so they are trained, checkpointed and restored with it."""
 
-    def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module, tp_group,
-                 real_vocab_size: int, device: torch.device):
+    def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module, student: torch.nn.Module,
+                 tp_group, real_vocab_size: int, device: torch.device,
+                 seed: Optional[int] = None):
         self.cfg, self.teacher, self.tp_group = cfg, teacher, tp_group
         self.real_vocab_size, self.device = real_vocab_size, device
+        s_gpt, t_gpt = unwrap(student), unwrap(teacher)
+        self.first, self.last = s_gpt.pre_process, s_gpt.post_process
+        self.teacher_dtype = t_gpt.config.params_dtype
+        self.hidden: Optional[HiddenStateLoss] = None
+        names = []
+        if cfg.uses_hidden_states:
+            here = ([EMBEDDING] if self.first else []) + [
+                layer.layer_number for layer in s_gpt.decoder.layers]
+            self.hidden = HiddenStateLoss(cfg, s_gpt.config.hidden_size,
+                                          t_gpt.config.hidden_size, here, seed,
+                                          dtype=s_gpt.config.params_dtype).to(device)
+            s_gpt.add_module(HiddenStateLoss.SUBMODULE, self.hidden)
+            self.student_states = StateCapture(s_gpt, self.hidden.student_layers)
+            self.teacher_states = StateCapture(t_gpt, self.hidden.teacher_layers)
+            names = self.hidden.term_names
+        self.loss_names = ("kd_loss", "lm_loss") + tuple(f"{n}_loss" for n in names)
+        pipelined = not (self.first and self.last)
+        self.channel = StageChannel(s_gpt.config.hidden_size, t_gpt.config.hidden_size,
+                                    names) if pipelined else None
+        self.adjust_tensor_shapes_fn = self.channel.adjust_tensor_shapes if pipelined else None
 
     def forward_step(self, data_iterator, model):
         batch = to_device(next(data_iterator), self.device)
+        carried: Dict[str, torch.Tensor] = {}
+        if not self.first:  # the schedule gave the student the widened tensor: share it out
+            s_gpt = unwrap(model)
+            student_in, teacher_in, carried = self.channel.split(s_gpt.decoder.input_tensor)
+            s_gpt.set_input_tensor(student_in)
+            unwrap(self.teacher).set_input_tensor(teacher_in.to(self.teacher_dtype))
         with torch.no_grad():
-            teacher_logits = self.teacher(batch["tokens"], batch["position_ids"], None)
-        student_logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp]
-        return student_logits, partial(self._loss, batch, teacher_logits)
+            teacher_out = self.teacher(batch["tokens"], batch["position_ids"], None)
+        student_out = model(batch["tokens"], batch["position_ids"], None)
+        terms = {} if self.hidden is None else self.hidden(
+            self.student_states.pop(), self.teacher_states.pop(), batch["loss_mask"], "sum")
+        if not self.last:  # [s, b, h_s], [s, b, h_t] -> [s, b, h_s + h_t + n]
+            return self.channel.pack(student_out, teacher_out, carried, terms), None
+        if self.hidden is not None:  # every term: from an earlier stage, or from this one
+            terms = {n: sum(d[n] for d in (carried, terms) if n in d)
+                     for n in self.hidden.term_names}
+        return student_out, partial(self._loss, batch, teacher_out, terms)
 
-    def _loss(self, batch: Dict[str, torch.Tensor], teacher_logits, student_logits):
+    def _loss(self, batch: Dict[str, torch.Tensor], teacher_logits,
+              terms: Mapping[str, torch.Tensor], student_logits):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         out = logit_distillation_loss(
             student_logits, teacher_logits, self.cfg, loss_mask=batch["loss_mask"],
             labels=batch["labels"], real_vocab_size=self.real_vocab_size,
             tp_group=self.tp_group, reduction="sum", batch_first=True)
-        parts = combine(out, {}, self.cfg)
+        parts = combine(out, terms, self.cfg)
         n = out.num_tokens.float()
         if out.ce is not None:
             lm = out.ce
@@ -50,4 +96,6 @@ class KDStep:
                 lm = (ce.transpose(0, 1) * batch["loss_mask"]).sum()
         report = {"kd_loss": torch.stack([out.kd.detach(), n]),
                   "lm_loss": torch.stack([lm.detach(), n])}
+        for name, value in terms.items():  # unweighted, per token
+            report[f"{name}_loss"] = torch.stack([value.detach().float(), n])
         return parts["total"], out.num_tokens, report

@@ -49,24 +49,30 @@ def lm_step(cfg: MinitronConfig, ctx: ParallelContext):
 def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
     """Load the frozen teacher at the student's layout and return the KD step factory."""
     from megatron_minitron.distill.kd_step import KDStep
+    from megatron_minitron.distill.pipeline import check_pairs_colocated
 
     d = cfg.distill
     if not d.teacher_checkpoint:
         raise ConfigError("distill.teacher_checkpoint", "no teacher given",
                           "set distill.teacher_checkpoint=CKPT (one of our checkpoints)")
-    if cfg.parallel.pipeline_model_parallel_size > 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size",
-                          "distillation under pipeline parallelism is not built yet",
-                          "distill with TP x DP (pipeline_model_parallel_size=1)")
-    if d.uses_hidden_states:
-        raise ConfigError("distill.hidden_loss", "hidden-state losses are not wired into the "
-                          "distillation step yet", "use distill.hidden_loss=none")
     header = ckpt.read_header(d.teacher_checkpoint)
     if header.model.padded_vocab_size != cfg.model.padded_vocab_size:
         raise ConfigError("distill.teacher_checkpoint",
                           f"teacher vocabulary {header.model.padded_vocab_size} rows, student "
                           f"{cfg.model.padded_vocab_size}", "distill between models that share "
                           "a tokenizer")
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if header.model.num_layers % pp:
+        raise ConfigError("parallel.pipeline_model_parallel_size",
+                          f"the teacher's {header.model.num_layers} layers do not split into "
+                          f"{pp} stages", "use a pipeline size that divides both depths")
+    if d.uses_hidden_states:
+        if cfg.parallel.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel", "hidden-state losses under sequence "
+                              "parallelism are not built", "set parallel.sequence_parallel=false"
+                              " or distill.hidden_loss=none")
+        check_pairs_colocated([tuple(p) for p in d.layer_pairs], header.model.num_layers,
+                              cfg.model.num_layers, pp)
     runtime = cfg.runtime
     if d.teacher_precision != "auto":
         import dataclasses
@@ -76,7 +82,8 @@ def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
     ckpt.load(d.teacher_checkpoint, teacher)
     for t in teacher:
         t.eval().requires_grad_(False)
-    return lambda chunks: KDStep(d, teacher[0], ctx.tp_group, cfg.model.vocab_size, ctx.device)
+    return lambda chunks: KDStep(d, teacher[0], chunks[0], ctx.tp_group, cfg.model.vocab_size,
+                                 ctx.device, seed=cfg.runtime.seed)
 
 
 def train_lm(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:

@@ -24,6 +24,7 @@ class LMStep:
     """Next-token cross entropy. `forward_step` is megatron's forward_step_func contract."""
 
     loss_names = ("lm_loss",)
+    adjust_tensor_shapes_fn = None
 
     def __init__(self, device: torch.device = torch.device("cpu")):
         self.device = device

@@ -3,7 +3,7 @@ step object (LMStep, KDStep) that turns a micro-batch into a loss."""
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Protocol
+from typing import Callable, Dict, Iterator, List, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,8 @@ class DataSource(Protocol):
 
 class Step(Protocol):
     loss_names: tuple
+    adjust_tensor_shapes_fn: Optional[Callable]
+    """None, or megatron's hook that changes what pipeline stages exchange (distillation)."""
 
     def forward_step(self, data_iterator, model): ...
 
@@ -56,11 +58,15 @@ class Trainer:
     def _schedule(self, data_iterator, forward_only: bool, num_microbatches: int):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        extra = {}
+        if self.step.adjust_tensor_shapes_fn is not None:
+            extra["adjust_tensor_shapes_fn"] = self.step.adjust_tensor_shapes_fn
         return get_forward_backward_func()(
             forward_step_func=self.step.forward_step, data_iterator=data_iterator,
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=num_microbatches, seq_length=self.cfg.data.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only,
+            **extra)
 
     def _reduce(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Token-weighted means over micro-batches and DP ranks, known on every rank."""

@@ -61,16 +61,23 @@ def adopt_model_config(cfg: MinitronConfig, start: StartPoint, model_overridden:
 def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
                   make_step: Callable[[list], Step], data: DataSource, tokenizer_info: dict,
                   config_dict: Optional[dict] = None) -> "tuple[Trainer, LoopState]":
-    """Model chunks (DDP), optimizer, schedule and state, loaded from `start`."""
-    chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device))
+    """Model chunks (DDP), optimizer, schedule and state, loaded from `start`.
+
+    Order matters: initial weights load into the bare model, then the step is built (it may
+    attach modules of its own to the chunks, like the distillation projections, which an
+    initial checkpoint does not have), then DDP and the optimizer see every parameter (bf16
+    main params are copied from loaded weights), then a resume restores all of it."""
+    raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
+    if start.init:
+        ckpt.load(start.init, raw, ctx=ctx)
+    step = make_step(raw)
+    chunks = wrap_ddp(raw)
     optimizer, scheduler = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
     attach_schedule_hooks(chunks, optimizer)
     state = LoopState()
     if start.resume:
         h = ckpt.load(start.resume, chunks, optimizer=optimizer, scheduler=scheduler, ctx=ctx)
         state = LoopState(step=h.step, consumed_samples=h.consumed_samples)
-    elif start.init:
-        ckpt.load(start.init, chunks, ctx=ctx)
     writer = MetricsWriter(cfg.run.dir, cfg.logger, ctx.rank == 0, config_dict,
                            resume_step=state.step)
 
@@ -78,7 +85,7 @@ def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
         return ckpt.CheckpointHeader(model=cfg.model, tokenizer=tokenizer_info, step=s.step,
                                      consumed_samples=s.consumed_samples)
 
-    trainer = Trainer(cfg, ctx, chunks, make_step(chunks), optimizer, scheduler, data, writer,
+    trainer = Trainer(cfg, ctx, chunks, step, optimizer, scheduler, data, writer,
                       make_header)
     return trainer, state
 
