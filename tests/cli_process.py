@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 
-def minitron(*args, **kw):
-    # A single-process group made earlier in this pytest process leaves torchrun-style variables
-    # (MASTER_PORT...) in os.environ; a child must not inherit them.
+def child_env():
+    """os.environ without torchrun-style variables: a single-process group made earlier in this
+    pytest process leaves them (MASTER_PORT...) behind, and a child must not inherit them."""
     dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env["MINITRON_TRACEBACK"] = "0"
+    return {k: v for k, v in os.environ.items() if k not in dist_vars}
+
+
+def minitron(*args, **kw):
+    env = {**child_env(), "MINITRON_TRACEBACK": "0"}
     return subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli.main", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             **kw)

@@ -163,3 +163,23 @@ def test_pairs_split_over_pipeline_stages_are_refused():
     check_pairs_colocated([(4, 2), (2, 1)], 4, 2, 2)
     with pytest.raises(ConfigError, match=r"pair \[3, 1\].*stage 1.*stage 0"):
         check_pairs_colocated([(3, 1)], 4, 2, 2)
+
+
+def test_teacher_and_student_vocabularies_are_checked_before_loading():
+    import dataclasses
+
+    from megatron_minitron.checkpoint.dist import CheckpointHeader
+    from megatron_minitron.config.errors import ConfigError
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.training.lm import check_vocabularies
+
+    cfg = load_config(["model=tiny"])
+    padded = dataclasses.replace(cfg.model, make_vocab_size_divisible_by=1000)
+    assert padded.padded_vocab_size != cfg.model.padded_vocab_size
+    check_vocabularies(CheckpointHeader(model=padded), cfg)  # TP=1: the common real vocabulary
+    tp2 = load_config(["model=tiny", "parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match="model.make_vocab_size_divisible_by=1000"):
+        check_vocabularies(CheckpointHeader(model=padded), tp2)
+    other = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 7)
+    with pytest.raises(ConfigError, match="distill.teacher_checkpoint.*share a tokenizer"):
+        check_vocabularies(CheckpointHeader(model=other), cfg)

@@ -56,11 +56,7 @@ def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
         raise ConfigError("distill.teacher_checkpoint", "no teacher given",
                           "set distill.teacher_checkpoint=CKPT (one of our checkpoints)")
     header = ckpt.read_header(d.teacher_checkpoint)
-    if header.model.padded_vocab_size != cfg.model.padded_vocab_size:
-        raise ConfigError("distill.teacher_checkpoint",
-                          f"teacher vocabulary {header.model.padded_vocab_size} rows, student "
-                          f"{cfg.model.padded_vocab_size}", "distill between models that share "
-                          "a tokenizer")
+    check_vocabularies(header, cfg)
     pp = cfg.parallel.pipeline_model_parallel_size
     if header.model.num_layers % pp:
         raise ConfigError("parallel.pipeline_model_parallel_size",
@@ -84,6 +80,30 @@ def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
         t.eval().requires_grad_(False)
     return lambda chunks: KDStep(d, teacher[0], chunks[0], ctx.tp_group, cfg.model.vocab_size,
                                  ctx.device, seed=cfg.runtime.seed)
+
+
+def check_vocabularies(teacher: ckpt.CheckpointHeader, cfg: MinitronConfig) -> None:
+    """Teacher and student must share a tokenizer; their embedding padding may differ (the
+    logit loss then uses the common real vocabulary), except under TP, where differently padded
+    vocabularies are sharded at different boundaries."""
+    t, s = teacher.model, cfg.model
+    student_tok = {}
+    if cfg.checkpoint.load and ckpt.resolve(cfg.checkpoint.load) is not None:
+        student_tok = ckpt.read_header(cfg.checkpoint.load).tokenizer
+    ids = [tok.get("identity") or tok.get("sha256") for tok in (teacher.tokenizer, student_tok)]
+    if t.vocab_size != s.vocab_size or (all(ids) and ids[0] != ids[1]):
+        raise ConfigError("distill.teacher_checkpoint",
+                          f"the teacher's tokenizer ({t.vocab_size} tokens, "
+                          f"{teacher.tokenizer.get('path', '?')}) is not the student's "
+                          f"({s.vocab_size} tokens)", "distill between models that share a "
+                          "tokenizer (different tokenizers cannot be compared token by token)")
+    if t.padded_vocab_size != s.padded_vocab_size and cfg.parallel.tensor_model_parallel_size > 1:
+        raise ConfigError("model.make_vocab_size_divisible_by",
+                          f"teacher {t.padded_vocab_size} and student {s.padded_vocab_size} "
+                          "embedding rows shard at different boundaries under TP",
+                          f"set model.make_vocab_size_divisible_by="
+                          f"{t.make_vocab_size_divisible_by} for the student, or distill at "
+                          "parallel.tensor_model_parallel_size=1")
 
 
 def train_lm(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:

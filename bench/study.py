@@ -1,0 +1,40 @@
+"""The Minitron study (issue 8): nine ablations on one teacher, resumable, reported.
+
+    python3 bench/study.py budget=quick          # SmolLM2-135M, under an hour on a 2-core CPU
+    python3 bench/study.py budget=full           # the issue's sizes, for a GPU
+    python3 bench/study.py budget=tiny dir=/tmp/s ablations=[1,2]
+
+Study keys (megatron_minitron/study/config.py): budget, dir, docs_dir, ablations. Any other
+key=value is a Hydra override of the base config (conf/experiment/study_<budget>.yaml) for every
+arm. Rerunning the same command skips finished arms and shared work; docs/RESULTS.md and
+docs/results.json are rewritten after every arm."""
+
+import dataclasses
+import sys
+
+from omegaconf import OmegaConf
+
+from megatron_minitron.config.loader import override_list, to_typed
+from megatron_minitron.study.config import StudyConfig
+from megatron_minitron.study.report import write_report
+from megatron_minitron.study.runner import run_study
+
+_STUDY_KEYS = {f.name for f in dataclasses.fields(StudyConfig)} - {"overrides"}
+
+
+def parse(argv) -> StudyConfig:
+    args = override_list(argv)
+    own = [a for a in args if a.split("=", 1)[0] in _STUDY_KEYS]
+    rest = [a for a in args if a not in own]
+    study = to_typed(OmegaConf.from_dotlist(own), StudyConfig)
+    return dataclasses.replace(study, overrides=study.overrides + rest)
+
+
+def main(argv) -> None:
+    study = parse(argv)
+    run_study(study, on_progress=lambda: write_report(study))
+    print(f"study: wrote {write_report(study)}", flush=True)
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns workers that re-import this file
+    main(sys.argv[1:])

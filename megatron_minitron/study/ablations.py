@@ -1,0 +1,99 @@
+"""The nine ablations of issue 8, each a list of arms; an arm is a few Hydra overrides on the
+study's base config plus how the pruned model is retrained. Arms that need the same scores file
+or pruned checkpoint get the same one (artifacts.py keys them by their config)."""
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+from megatron_minitron.study.config import BudgetSizes
+
+RETRAIN = ("none", "kd", "ce", "scratch")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    """Unique within its ablation; the result file is arms/<ablation key>/<name>.json."""
+    overrides: Tuple[str, ...] = ()
+    """Hydra overrides on the base config (conf/experiment/study_<budget>.yaml)."""
+    retrain: str = "none"
+    """"none": evaluate right after pruning; "kd": pipeline.distill_iters steps of distillation
+    (per round split over pipeline.iterations); "ce": the same steps of plain LM loss;
+    "scratch": the pruned architecture from random init, LM loss, scratch_factor x as long."""
+
+
+@dataclass(frozen=True)
+class Ablation:
+    number: int
+    key: str
+    title: str
+    question: str
+    arms: List[Arm] = field(default_factory=list)
+
+
+def _depth(s: BudgetSizes) -> Tuple[str, ...]:
+    """Half the layers, scored by skip-one loss, cosine and contiguous-block loss."""
+    return (f"prune.target.num_layers={s.depth_layers}", "importance.depth_loss=true",
+            f"importance.num_samples={s.depth_samples}",
+            f"importance.block_sizes=[{s.depth_layers}]")
+
+
+def build_ablations(s: BudgetSizes) -> List[Ablation]:
+    def after(n: int) -> str:
+        return "kd" if n in s.distill_after_prune else "none"
+
+    pairs = "[" + ",".join(f"[{t},{u}]" for t, u in s.hidden_pairs) + "]"
+    width_kd = Arm("width", retrain="kd")  # the default student: shared by 2, 3, 6, 7 and 8
+    return [
+        Ablation(1, "aggregation", "Importance aggregation",
+                 "Which (sequence, batch) reduction of activations ranks best? Loss right after "
+                 "width pruning.",
+                 [Arm(f"seq_{q}_batch_{b}", (f"importance.seq_aggregation={q}",
+                                             f"importance.sample_aggregation={b}"))
+                  for q, b in s.aggregations]),
+        Ablation(2, "source", "Importance source",
+                 "Activation scores versus weight magnitude versus random, after pruning and "
+                 "after a short distillation.",
+                 [Arm(src, (f"importance.source={src}",), "kd")
+                  for src in ("activation", "magnitude", "random")]),
+        Ablation(3, "width_depth", "Width versus depth at equal parameters",
+                 "Half the non-embedding parameters by width (hidden, ffn) or by depth (half the "
+                 "layers, skip-one loss), before and after distillation.",
+                 [width_kd, Arm("depth", _depth(s), "kd")]),
+        Ablation(4, "depth_metric", "Depth metric",
+                 "Which half of the layers to drop: lowest cosine block importance, lowest "
+                 "single-layer loss increase, or the best contiguous block.",
+                 [Arm("cosine", _depth(s) + ("prune.depth_metric=cosine",), after(4)),
+                  Arm("loss", _depth(s), after(4)),
+                  Arm("block", _depth(s) + ("prune.depth_mode=block",), after(4))]),
+        Ablation(5, "heads", "Heads: inside groups versus whole groups",
+                 f"Keep {s.kept_heads} query heads: uniformly inside every group, or by dropping "
+                 "whole query groups (the latter also drops their key/value heads).",
+                 [Arm(mode, (f"prune.target.num_attention_heads={s.kept_heads}",
+                             f"prune.head_mode={mode}"), after(5))
+                  for mode in ("heads", "groups")]),
+        Ablation(6, "retraining", "Retraining losses",
+                 "The width-pruned student retrained for the same tokens by logit KD, plain "
+                 "cross entropy, KD + CE, KD + hidden-state cosine, KD at temperature 2.",
+                 [Arm("kd", retrain="kd"), Arm("ce", retrain="ce"),
+                  Arm("kd_ce", ("distill.ce_weight=1.0",), "kd"),
+                  Arm("kd_hidden", ("distill.hidden_loss=cosine", f"distill.layer_pairs={pairs}"),
+                      "kd"),
+                  Arm("kd_t2", ("distill.temperature=2.0",
+                                "distill.scale_by_temperature_squared=true"), "kd")]),
+        Ablation(7, "scratch", "Pruned + distilled versus random init",
+                 f"The width-pruned architecture from random init, trained {s.scratch_factor}x "
+                 "the distillation's tokens: its loss at equal tokens and the tokens it needs to "
+                 "match the distilled student.",
+                 [width_kd, Arm("random_init", retrain="scratch")]),
+        Ablation(8, "iterative", "One-shot versus iterative pruning",
+                 "The same final size in one prune + distill, or two rounds (geometric budgets) "
+                 "that split the same distillation steps.",
+                 [Arm("one_shot", retrain="kd"), Arm("iterative", ("pipeline.iterations=2",),
+                                                     "kd")]),
+        Ablation(9, "calibration", "Calibration size",
+                 "Activation scores from more or fewer calibration samples, for width pruning.",
+                 [Arm(f"n{n}", (f"importance.num_samples={n}",), after(9))
+                  for n in s.calibration]),
+    ]
+

@@ -1,0 +1,122 @@
+"""RESULTS.md and results.json from the arm files alone: every number in them comes from a run,
+arms without a finished run are listed as "not run" (or "failed", with the error)."""
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from megatron_minitron.study.ablations import build_ablations
+from megatron_minitron.study.claims import evaluate_claims, tokens_to_match
+from megatron_minitron.study.config import StudyConfig
+from megatron_minitron.study.plots import write_plots
+from megatron_minitron.study.runner import arm_path, finished, read_arm
+
+
+def collect(study: StudyConfig) -> Dict:
+    teacher = read_arm(Path(study.study_dir) / "teacher.json")
+    ablations = []
+    for abl in build_ablations(study.sizes):
+        arms = []
+        for a in abl.arms:
+            rec = read_arm(arm_path(study, abl, a))  # finished earlier counts, selected or not
+            if rec["status"] == "done" and not finished(rec, a):
+                rec = {"status": "not run (its result is from an older definition)"}
+            arms.append({**rec, "arm": a.name, "overrides": list(a.overrides),
+                         "retrain": a.retrain})
+        ablations.append({"number": abl.number, "key": abl.key, "title": abl.title,
+                          "question": abl.question, "arms": arms})
+    done = {a["number"]: {r["arm"]: r for r in a["arms"] if r["status"] == "done"}
+            for a in ablations}
+    return {"budget": study.budget, "note": study.sizes.note, "study_dir": study.study_dir,
+            "teacher": teacher,
+            "ablations": ablations, "claims": evaluate_claims(done)}
+
+
+def _num(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _table(abl: Dict) -> List[str]:
+    lines = ["| arm | overrides | retraining | params (M) | loss after pruning | loss | "
+             "perplexity | retraining tokens | compute seconds | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in abl["arms"]:
+        ov = "<br>".join(f"`{o}`" for o in r["overrides"]) or "(base)"
+        status = r["status"] if r["status"] != "failed" else f"failed: {r['error'][:120]}"
+        params = None if r.get("params") is None else r["params"] / 1e6
+        lines.append(f"| {r['arm']} | {ov} | {r['retrain']} | {_num(params, '.1f')} | "
+                     f"{_num(r.get('pruned_loss'), '.3f')} | {_num(r.get('loss'), '.3f')} | "
+                     f"{_num(r.get('perplexity'), '.1f')} | {_num(r.get('tokens'), ',')} | "
+                     f"{_num(r.get('compute_seconds'), '.0f')} | {status} |")
+    return lines
+
+
+def _provenance(abl: Dict) -> List[str]:
+    done = [r for r in abl["arms"] if r["status"] == "done"]
+    if not done:
+        return ["No arm of this ablation has run yet."]
+    out = []
+    for field in ("command", "commit", "machine"):
+        vals = sorted({r[field] for r in done})
+        out.append(f"- {field}: " + "; ".join(f"`{v}`" for v in vals))
+    return out
+
+
+def _scratch_note(abl: Dict) -> List[str]:
+    arms = {r["arm"]: r for r in abl["arms"] if r["status"] == "done"}
+    if "width" not in arms or "random_init" not in arms:
+        return []
+    kd, rnd = arms["width"], arms["random_init"]
+    match = tokens_to_match(rnd, kd["loss"])
+    curve = ", ".join(f"{c['tokens']:,}: {c['loss']:.3f}" for c in rnd["curve"])
+    told = (f"first reached it at {match:,} tokens ({match / kd['tokens']:.1f}x)" if match
+            else f"did not reach it within {rnd['tokens_trained']:,} tokens")
+    return ["", f"The random_init row is a run of exactly the student's tokens. A longer run "
+            f"({rnd['tokens_trained']:,} tokens) gave, by tokens seen: {curve}; its checkpoints "
+            "are mid-schedule (the cosine decay spans the whole run), so they overstate the "
+            "loss a run ending there would reach. The distilled student's loss is "
+            f"{kd['loss']:.3f} after {kd['tokens']:,} tokens; random init {told}."]
+
+
+def markdown(res: Dict) -> str:
+    t = res["teacher"]
+    lines = [f"# The Minitron study at small scale ({res['budget']} budget)", "",
+             "Written by `bench/study.py` from the arm results under "
+             f"`{res['study_dir']}/arms/`; do not edit by hand. Loss is the mean next-token "
+             "cross entropy (nats) on the same held-out validation batches for every model; "
+             "lower is better. One seed per arm: small margins are within run-to-run noise. "
+             "Compute seconds: the recorded time of every stage an arm used (scoring, pruning, "
+             "retraining, evaluation; the teacher's import excluded), whether it ran for this "
+             "arm or was shared with another.", ""]
+    lines += [f"This budget: {res['note']}.", ""]
+    if t.get("status") == "done":
+        lines += [f"Teacher: {t['params'] / 1e6:.1f}M parameters, loss {t['loss']:.3f}, "
+                  f"perplexity {t['perplexity']:.1f}.", ""]
+    verdicts = [c["verdict"] for c in res["claims"]]
+    lines += ["## Which of the papers' claims held here", "",
+              f"{verdicts.count('held')} held, {verdicts.count('did not hold')} did not hold, "
+              f"{verdicts.count('not run')} not run (an arm they need has no finished result). "
+              "Each verdict is a rule evaluated on the numbers below "
+              "(megatron_minitron/study/claims.py).", "",
+              "| ablation | claim | verdict | evidence (loss) |", "|---|---|---|---|"]
+    lines += [f"| {c['ablation']} | {c['claim']} | **{c['verdict']}** | {c['evidence']} |"
+              for c in res["claims"]]
+    lines += ["", "![loss after pruning](study_pruned.png)", "",
+              "![loss after retraining](study_retrained.png)", ""]
+    for abl in res["ablations"]:
+        lines += [f"## {abl['number']}. {abl['title']}", "", abl["question"], ""]
+        lines += _table(abl) + _scratch_note(abl) + [""] + _provenance(abl) + [""]
+        if abl["key"] == "scratch":
+            lines += ["![random init versus distilled](study_scratch.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: StudyConfig) -> Path:
+    out = Path(study.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = collect(study)
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_plots(res, out)
+    path = out / "RESULTS.md"
+    path.write_text(markdown(res))
+    return path

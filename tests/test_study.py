@@ -1,0 +1,129 @@
+"""`python3 bench/study.py budget=tiny`: every ablation yields its rows, the report and the raw
+numbers are written from them, a rerun skips finished arms; the claim rules read the numbers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_process import child_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_study(study_dir, timeout=240):
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "study.py"), "budget=tiny",
+                        f"dir={study_dir}"], capture_output=True, text=True, env=child_env(),
+                       timeout=timeout, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [line for line in p.stdout.splitlines() if line.startswith("study: ablation")]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    study = tmp_path_factory.mktemp("study")
+    ran = run_study(study)
+    return study, ran
+
+
+def test_every_ablation_produces_its_rows(tiny_study):
+    study, ran = tiny_study
+    res = json.loads((study / "docs" / "results.json").read_text())
+    assert [a["number"] for a in res["ablations"]] == list(range(1, 10))
+    arms = sum(len(a["arms"]) for a in res["ablations"])
+    assert len(ran) == arms  # the first run ran every arm once
+    for abl in res["ablations"]:
+        assert len(abl["arms"]) >= 2, abl["key"]  # a comparison needs two sides
+        for row in abl["arms"]:
+            assert row["status"] == "done", (abl["key"], row.get("error"))
+            assert row["loss"] > 0 and row["pruned_loss"] > 0 and row["params"] > 0
+            assert row["commit"] and row["machine"] and "budget=tiny" in row["command"]
+    by = {a["key"]: {r["arm"]: r for r in a["arms"]} for a in res["ablations"]}
+    # equal retraining tokens within a comparison; none after pruning only
+    assert len({r["tokens"] for r in by["retraining"].values()}) == 1
+    assert by["iterative"]["iterative"]["tokens"] == by["iterative"]["one_shot"]["tokens"] > 0
+    assert all(r["tokens"] == 0 for r in by["aggregation"].values())
+    # equal parameters for width and depth (both half the non-embedding parameters)
+    w, d = by["width_depth"]["width"], by["width_depth"]["depth"]
+    assert abs(w["params_non_embedding"] / d["params_non_embedding"] - 1) < 0.05
+    assert d["architecture"]["num_layers"] == 2 and w["architecture"]["num_layers"] == 4
+    # shared work: the default student of ablations 2, 3 and 6 is the same model
+    assert by["source"]["activation"]["loss"] == by["width_depth"]["width"]["loss"] \
+        == by["retraining"]["kd"]["loss"]
+    # random init: a curve of checkpoints longer than the distillation
+    rnd = by["scratch"]["random_init"]
+    assert rnd["tokens_trained"] > rnd["tokens"] == by["scratch"]["width"]["tokens"]
+    assert len(rnd["curve"]) == 2  # tiny: scratch_points
+    assert {c["verdict"] for c in res["claims"]} <= {"held", "did not hold"}
+
+
+def test_markdown_and_plots_are_written(tiny_study):
+    study, _ = tiny_study
+    md = (study / "docs" / "RESULTS.md").read_text()
+    for n in range(1, 10):
+        assert f"\n## {n}. " in md
+    assert "## Which of the papers' claims held here" in md and "- commit: `" in md
+    assert "- machine: `" in md and "torch " in md
+    for png in ("study_pruned.png", "study_retrained.png", "study_scratch.png"):
+        assert (study / "docs" / png).stat().st_size > 1000
+
+
+def test_rerun_skips_finished_arms_and_redoes_a_missing_one(tiny_study):
+    study, _ = tiny_study
+    missing = study / "arms" / "heads" / "groups.json"
+    before = json.loads(missing.read_text())
+    missing.unlink()
+    ran = run_study(study)
+    assert ran == ["study: ablation 5 arm groups"]
+    after = json.loads(missing.read_text())
+    assert after["loss"] == before["loss"]  # its shared checkpoint was reused, not retrained
+
+
+def test_claims_follow_the_numbers_and_say_not_run():
+    from megatron_minitron.study.claims import evaluate_claims, tokens_to_match
+
+    def arms(**losses):
+        return {k: {"loss": v, "pruned_loss": v} for k, v in losses.items()}
+
+    held = evaluate_claims({2: arms(activation=1.0, magnitude=2.0, random=3.0)})
+    source = [c for c in held if c["ablation"] == 2]
+    assert [c["verdict"] for c in source] == ["held", "held"]
+    flipped = evaluate_claims({2: arms(activation=2.0, magnitude=1.0, random=3.0)})
+    assert [c["verdict"] for c in flipped if c["ablation"] == 2] == ["did not hold"] * 2
+    assert all(c["verdict"] == "not run" for c in held if c["ablation"] != 2)
+    scratch = {"tokens": 5, "loss": 6.0,
+               "curve": [{"tokens": 10, "loss": 5.0}, {"tokens": 20, "loss": 3.0}]}
+    assert tokens_to_match(scratch, 3.5) == 20 and tokens_to_match(scratch, 2.0) is None
+    assert tokens_to_match(scratch, 6.0) == 5  # the equal-token run already matches
+
+
+def test_an_arm_finished_under_another_definition_reruns():
+    from megatron_minitron.study.ablations import Arm
+    from megatron_minitron.study.runner import finished
+
+    arm = Arm("heads", ("prune.head_mode=heads",), "kd")
+    rec = {"status": "done", "overrides": ["prune.head_mode=heads"], "retrain": "kd"}
+    assert finished(rec, arm)
+    assert not finished({**rec, "retrain": "none"}, arm)
+    assert not finished({**rec, "overrides": []}, arm)
+    assert not finished({**rec, "status": "failed"}, arm)
+
+
+@pytest.mark.parametrize("budget", ["tiny", "quick", "full"])
+def test_every_arm_of_every_budget_composes(budget):
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.study.ablations import RETRAIN, build_ablations
+    from megatron_minitron.study.config import StudyConfig
+    from megatron_minitron.study.runner import base_overrides
+
+    study = StudyConfig(budget=budget)
+    ablations = build_ablations(study.sizes)
+    assert [a.number for a in ablations] == list(range(1, 10))
+    for abl in ablations:
+        assert len({a.name for a in abl.arms}) == len(abl.arms), abl.key
+        for arm in abl.arms:
+            assert arm.retrain in RETRAIN
+            cfg = load_config(base_overrides(study) + list(arm.overrides))
+            assert cfg.pipeline.export is False  # the study never needs an HF export
