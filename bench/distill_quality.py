@@ -5,8 +5,8 @@ forward KL, no cross entropy, as Minitron recommends) and plain cross-entropy tr
 (`minitron train`). Held-out LM loss (The Tempest, not in the demo corpus) of the teacher, the
 just-pruned student, the distilled student and the cross-entropy-retrained student.
 
-    python bench/distill_quality.py [work=/tmp/minitron_bench_smollm2] [steps=24] [mbs=4]
-                                    [seq_length=256] [heldout=16] [lr=0.0003]
+    python bench/distill_quality.py [work=/tmp/minitron_bench_smollm2] [steps=96] [mbs=4]
+                                    [seq_length=256] [heldout=16] [lr=0.001]
                                     [precision=bf16] [fraction=0.5]
 
 steps x mbs x seq_length is the token budget of each retraining (global batch = mbs, one
@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smollm2  # noqa: E402
 
-KNOBS = {"work": "/tmp/minitron_bench_smollm2", "steps": 24, "mbs": 4, "seq_length": 256,
-         "heldout": 16, "lr": 3e-4, "precision": "bf16", "fraction": 0.5}
+KNOBS = {"work": "/tmp/minitron_bench_smollm2", "steps": 96, "mbs": 4, "seq_length": 256,
+         "heldout": 16, "lr": 1e-3, "precision": "bf16", "fraction": 0.5}
 
 
 def parse(argv):
