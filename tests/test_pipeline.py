@@ -3,6 +3,7 @@
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,13 @@ def test_smoke_pipeline_writes_every_artefact(smoke):
     report = (run / "report.md").read_text()
     assert "distilled" in report
     assert any(run.glob("**/*.png"))
+
+    # experiment=smoke sets eval.tasks: the final student also went through `minitron eval`
+    suite = json.loads((run / "eval" / "eval.json").read_text())
+    assert suite["checkpoint"] == str(Path(rows["distilled"]["path"]).resolve())
+    assert suite["perplexity"]["valid"]["loss"] > 0
+    assert "acc,none" in suite["tasks"]["minitron_next_line"]
+    assert "## Evaluation" in report and "minitron_next_line" in report
 
 
 def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(smoke, tmp_path):

@@ -187,9 +187,12 @@ def export(cfg: MinitronConfig, checkpoint: str, out: Path) -> Dict:
 
 
 def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path) -> Dict:
-    """Held-out loss and perplexity of each checkpoint on the same validation batches."""
+    """Held-out loss and perplexity of each checkpoint on the same validation batches
+    (out/models.json); with eval.tasks, also the `minitron eval` suite (perplexity sets and
+    lm-eval-harness tasks) on the last checkpoint, the final student (out/eval.json)."""
     from megatron_minitron.eval.perplexity import (checkpoint_tokenizer, evaluate_checkpoint,
                                                    split_batches)
+    from megatron_minitron.eval.suite import evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown
 
     ctx = initialize(cfg.parallel, cfg.runtime)
@@ -203,11 +206,18 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
             results[name] = {"params": ckpt.read_header(path).model.num_parameters(),
                              "loss": r.loss, "perplexity": r.perplexity,
                              "eval_tokens": r.tokens}
+        suite = None
+        if cfg.eval.tasks:
+            final = list(checkpoints.values())[-1]
+            final_cfg = dataclasses.replace(cfg, model=ckpt.read_header(final).model)
+            suite = evaluate_run(final_cfg, final, tok, ctx)
     finally:
         teardown()
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "models.json").write_text(json.dumps(results, indent=2) + "\n")
+        if suite is not None:
+            write_eval_json(suite, str(out))
     return results
 
 
