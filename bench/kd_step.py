@@ -53,7 +53,7 @@ def chunked_kl(student, teacher, temperature: float, chunk: int) -> torch.Tensor
     from megatron_minitron.config.distill import DistillConfig
     from megatron_minitron.distill.losses import logit_distillation_loss
 
-    cfg = DistillConfig(temperature=temperature, token_chunk_size=chunk)
+    cfg = DistillConfig(temperature=temperature, token_chunk_size=chunk or None)
     return logit_distillation_loss(student, teacher, cfg, reduction="mean").loss
 
 
@@ -201,7 +201,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=None, help="tokens (default 8192)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--chunk", type=int, default=1024, help="distill.token_chunk_size")
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="distill.token_chunk_size (0: the automatic size)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=10, help="(a) timed rounds")
@@ -221,7 +222,7 @@ def main():
         return
     tokens = args.tokens or (2048 if args.quick else 8192)
     print(f"(b) logit loss peak memory, forward+backward, {args.dtype} logits [s, 1, v], "
-          f"chunk {args.chunk} tokens, device {device}")
+          f"chunk {args.chunk or 'auto'} tokens, device {device}")
     header = f"{'vocab':>7} {'tokens':>7} {'naive GiB':>10} {'chunked GiB':>12} {'ratio':>6} " \
              f"{'naive s':>8} {'chunked s':>10}"
     print(header)

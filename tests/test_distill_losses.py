@@ -362,3 +362,21 @@ def test_bad_shapes_are_explained():
     with pytest.raises(ValueError, match=r"\[b, s\]"):
         logit_distillation_loss(s, t, DistillConfig(), loss_mask=torch.ones(S, B + 1))
     assert math.isfinite(logit_distillation_loss(s, t, DistillConfig()).loss.item())
+
+
+def test_logged_cross_entropy_comes_free_with_the_kd_loss():
+    """ce_weight=0 with labels: the student's CE is reported from the same chunked pass, and
+    it neither enters the loss nor its gradient."""
+    s, t = make_logits(seed=21)
+    labels = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    cfg = DistillConfig(temperature=2.0, token_chunk_size=3)
+    logged = logit_distillation_loss(s1, t, cfg, labels=labels, reduction="mean")
+    plain = logit_distillation_loss(s2, t, cfg, reduction="mean")
+    torch.testing.assert_close(logged.ce, F.cross_entropy(s.reshape(-1, V), labels.t().reshape(-1)))
+    assert plain.ce is None
+    torch.testing.assert_close(logged.loss, plain.loss)
+    logged.loss.backward()
+    plain.loss.backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+    assert torch.equal(s1.detach(), s) and torch.equal(s2.detach(), s)  # logits only read

@@ -34,7 +34,7 @@ def combine(logit: LogitLoss, terms: Mapping[str, torch.Tensor],
     """{"kd", "ce"?, <term names>..., "total"}. "total" is the differentiable loss; the other
     entries are their detached weighted contributions (they add up to total), for logging."""
     out = {"kd": cfg.kd_weight * logit.kd}
-    if logit.ce is not None:
+    if cfg.ce_weight > 0:
         out["ce"] = cfg.ce_weight * logit.ce
     total = logit.loss
     for name, w in term_weights(logit.loss, terms, cfg).items():

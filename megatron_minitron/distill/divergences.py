@@ -1,8 +1,8 @@
 """Per-chunk math of the logit losses on vocab-parallel shards.
 
 Every function takes one chunk of tokens as fp32 tensors `[c, v_real/tp]` (this rank's real
-vocabulary columns, already divided by the temperature, owned by the caller and overwritten) and
-returns `(per_token_loss [c], grad [c, v_real/tp])`: the loss of each token and its gradient with
+vocabulary columns, already divided by the temperature; under TP they are overwritten, on one
+rank only read) and returns `(per_token_loss [c], grad [c, v_real/tp])`: the loss of each token and its gradient with
 respect to the scaled student logits. Softmaxes are vocab-parallel: the max is all-reduced (MAX),
 the sum of exps and the per-token divergence partials are all-reduced (SUM), so the full
 vocabulary is never gathered on a rank. `vocab_start` is the global id of the shard's first
@@ -15,11 +15,13 @@ import math
 import torch
 
 from megatron_minitron.distill.vocab_parallel import (all_gather_last_dim, all_reduce_max_,
-                                                       all_reduce_sum_)
+                                                       all_reduce_sum_, spans_ranks)
 
 
 def logsumexp(x: torch.Tensor, group) -> torch.Tensor:
     """Vocab-parallel logsumexp over the last dim; -inf entries (masked columns) are allowed."""
+    if not spans_ranks(group):
+        return torch.logsumexp(x, dim=-1)  # ATen's fused kernel
     # [c, v/tp] -> [c]
     m = x.amax(dim=-1) if x.shape[-1] else x.new_full(x.shape[:-1], -math.inf)
     m = all_reduce_max_(m, group)
@@ -29,7 +31,11 @@ def logsumexp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def log_softmax_(x: torch.Tensor, group) -> torch.Tensor:
-    """In-place vocab-parallel log-softmax over the last dim (one [c, v/tp] temporary)."""
+    """Vocab-parallel log-softmax over the last dim, in place under TP (one [c, v/tp]
+    temporary); on one rank ATen's fused kernel (one new [c, v] tensor, several times fewer
+    passes over memory). Use the returned tensor, not x."""
+    if not spans_ranks(group):
+        return torch.log_softmax(x, dim=-1)
     m = all_reduce_max_(x.amax(dim=-1), group)  # [c]; x has >= 1 real column on every rank
     x.sub_(m.unsqueeze(-1))
     se = all_reduce_sum_(x.exp().sum(dim=-1), group)
@@ -118,6 +124,18 @@ def topk_kl(s: torch.Tensor, t: torch.Tensor, group, k: int, vocab_start: int):
     q = logq.exp_()
     target = torch.where(in_k, p, q * log_ratio.exp().unsqueeze(-1))
     return in_k_part + bucket, q.sub_(target)
+
+
+def cross_entropy_value(z: torch.Tensor, labels: torch.Tensor, vocab_start: int, group
+                        ) -> torch.Tensor:
+    """Per-token student cross entropy [c] at temperature 1, without a gradient (for the log):
+    logsumexp(z) - z[label]. Reads z [c, v/tp] (any float dtype), writes nothing to it."""
+    c, v = z.shape
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < v)
+    picked = z.gather(-1, local.clamp(0, max(v - 1, 0)).unsqueeze(-1)).squeeze(-1).float()
+    picked = all_reduce_sum_(torch.where(owned, picked, 0.0), group)
+    return logsumexp(z.float(), group) - picked
 
 
 def cross_entropy(s: torch.Tensor, labels: torch.Tensor, vocab_start: int, group):

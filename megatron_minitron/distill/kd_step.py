@@ -77,23 +77,13 @@ class KDStep:
 
     def _loss(self, batch: Dict[str, torch.Tensor], teacher_logits,
               terms: Mapping[str, torch.Tensor], student_logits):
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
         out = logit_distillation_loss(
             student_logits, teacher_logits, self.cfg, loss_mask=batch["loss_mask"],
             labels=batch["labels"], real_vocab_size=self.real_vocab_size,
             tp_group=self.tp_group, reduction="sum", batch_first=True)
         parts = combine(out, terms, self.cfg)
         n = out.num_tokens.float()
-        if out.ce is not None:
-            lm = out.ce
-        else:  # the student's LM loss, for the log only
-            with torch.no_grad():
-                # [b, s, v/tp] -> [s, b, v/tp], as megatron's cross entropy expects
-                ce = vocab_parallel_cross_entropy(
-                    student_logits.detach().transpose(0, 1).float().contiguous(),
-                    batch["labels"].transpose(0, 1).contiguous())
-                lm = (ce.transpose(0, 1) * batch["loss_mask"]).sum()
+        lm = out.ce  # the student's LM loss, from the same chunked pass over its logits
         report = {"kd_loss": torch.stack([out.kd.detach(), n]),
                   "lm_loss": torch.stack([lm.detach(), n])}
         for name, value in terms.items():  # unweighted, per token

@@ -18,25 +18,26 @@ def group_rank_size(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _active(group) -> bool:
+def spans_ranks(group) -> bool:
+    """Whether `group` splits the vocabulary over more than one rank."""
     return group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def all_reduce_max_(x: torch.Tensor, group) -> torch.Tensor:
-    if _active(group):
+    if spans_ranks(group):
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x
 
 
 def all_reduce_sum_(x: torch.Tensor, group) -> torch.Tensor:
-    if _active(group):
+    if spans_ranks(group):
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
 
 def all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     """[..., k] on each rank -> [..., tp * k], rank-major (rank 0's k columns first)."""
-    if not _active(group):
+    if not spans_ranks(group):
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
