@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smollm2  # noqa: E402
+from knobs import parse_knobs  # noqa: E402
 from stats import interleaved, ratio_summary  # noqa: E402
 
 KNOBS = {"work": "/tmp/minitron_bench_smollm2", "num_samples": 8, "seq_length": 256,
@@ -30,13 +31,7 @@ KNOBS = {"work": "/tmp/minitron_bench_smollm2", "num_samples": 8, "seq_length": 
 
 
 def parse(argv):
-    knobs = dict(KNOBS)
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in knobs or not value:
-            raise SystemExit(f"unknown knob {arg!r}; use key=value with keys {sorted(KNOBS)}")
-        knobs[key] = type(KNOBS[key])(value)
-    return knobs
+    return parse_knobs(argv, KNOBS)
 
 
 class CpuTimes:
