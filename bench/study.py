@@ -1,4 +1,5 @@
-"""The Minitron study (issue 8): nine ablations on one teacher, resumable, reported.
+"""The Minitron study (issue 8): nine ablations on one teacher and the seed spread
+that tells a result from noise, resumable, reported.
 
     python3 bench/study.py budget=quick          # SmolLM2-135M, under an hour on a 2-core CPU
     python3 bench/study.py budget=full           # the issue's sizes, for a GPU

@@ -31,7 +31,7 @@ def tiny_study(tmp_path_factory):
 def test_every_ablation_produces_its_rows(tiny_study):
     study, ran = tiny_study
     res = json.loads((study / "docs" / "results.json").read_text())
-    assert [a["number"] for a in res["ablations"]] == list(range(1, 10))
+    assert [a["number"] for a in res["ablations"]] == list(range(1, 11))
     arms = sum(len(a["arms"]) for a in res["ablations"])
     assert len(ran) == arms  # the first run ran every arm once
     for abl in res["ablations"]:
@@ -56,13 +56,19 @@ def test_every_ablation_produces_its_rows(tiny_study):
     rnd = by["scratch"]["random_init"]
     assert rnd["tokens_trained"] > rnd["tokens"] == by["scratch"]["width"]["tokens"]
     assert len(rnd["curve"]) == 2  # tiny: scratch_points
-    assert {c["verdict"] for c in res["claims"]} <= {"held", "did not hold"}
+    # the seed arms: the default student (shared) and a rerun of it under another seed
+    seeds = by["seeds"]
+    assert seeds["width"]["loss"] == by["retraining"]["kd"]["loss"]
+    assert seeds["seed2"]["tokens"] == seeds["width"]["tokens"]
+    assert seeds["seed2"]["overrides"] == ["runtime.seed=2"]
+    assert {c["verdict"] for c in res["claims"]} <= {"held", "did not hold", "within noise"}
+    assert all(c["spread"] is not None for c in res["claims"] if c["margin"] is not None)
 
 
 def test_markdown_and_plots_are_written(tiny_study):
     study, _ = tiny_study
     md = (study / "docs" / "RESULTS.md").read_text()
-    for n in range(1, 10):
+    for n in range(1, 11):
         assert f"\n## {n}. " in md
     assert "## Which of the papers' claims held here" in md and "- commit: `" in md
     assert "- machine: `" in md and "torch " in md
@@ -99,6 +105,36 @@ def test_claims_follow_the_numbers_and_say_not_run():
     assert tokens_to_match(scratch, 6.0) == 5  # the equal-token run already matches
 
 
+def test_a_margin_inside_the_seed_spread_is_within_noise():
+    from megatron_minitron.study.claims import evaluate_claims, reversal_margin
+
+    assert reversal_margin([1.0, 2.0, 3.5]) == 1.0  # held: the smallest step
+    assert reversal_margin([2.0, 1.0, 3.0]) == 1.0  # not held: the violated step
+    assert reversal_margin([3.0, 2.5, 1.0]) == 1.5  # every violation must be undone
+    assert reversal_margin([1.0, 1.0], strict=False) == 0.0
+
+    def arms(tokens=30, **losses):
+        return {k: {"loss": v, "pruned_loss": v + 2, "tokens": tokens} for k, v in losses.items()}
+
+    def kd_vs_ce(ce, seeds):
+        done = {6: arms(kd=4.80, ce=ce), 10: seeds}
+        return next(c for c in evaluate_claims(done) if c["claim"].startswith("Logit KD beats"))
+
+    spread = arms(width=4.80, seed2=4.90, seed3=4.85)  # retrained spread 0.10
+    close = kd_vs_ce(4.85, spread)
+    assert close["verdict"] == "within noise" and close["leaning"] == "held"
+    assert abs(close["margin"] - 0.05) < 1e-9 and abs(close["spread"] - 0.10) < 1e-9
+    assert kd_vs_ce(5.00, spread)["verdict"] == "held"  # margin 0.2 > spread
+    assert kd_vs_ce(4.60, spread)["verdict"] == "did not hold"
+    assert kd_vs_ce(4.85, {})["verdict"] == "held"  # no seed arms: no noise yardstick
+    # claims on losses right after pruning meet the spread of the pruned losses
+    pruned_spread = {"width": {"loss": 4.8, "pruned_loss": 7.0, "tokens": 30},
+                     "seed2": {"loss": 4.9, "pruned_loss": 7.5, "tokens": 30}}
+    done = {2: arms(activation=1.0, magnitude=1.2, random=3.0), 10: pruned_spread}
+    right_after = next(c for c in evaluate_claims(done) if c["ablation"] == 2)
+    assert right_after["verdict"] == "within noise" and right_after["spread"] == 0.5
+
+
 def test_an_arm_finished_under_another_definition_reruns():
     from megatron_minitron.study.ablations import Arm
     from megatron_minitron.study.runner import finished
@@ -120,7 +156,7 @@ def test_every_arm_of_every_budget_composes(budget):
 
     study = StudyConfig(budget=budget)
     ablations = build_ablations(study.sizes)
-    assert [a.number for a in ablations] == list(range(1, 10))
+    assert [a.number for a in ablations] == list(range(1, 11))
     for abl in ablations:
         assert len({a.name for a in abl.arms}) == len(abl.arms), abl.key
         for arm in abl.arms:

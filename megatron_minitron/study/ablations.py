@@ -1,6 +1,7 @@
-"""The nine ablations of issue 8, each a list of arms; an arm is a few Hydra overrides on the
-study's base config plus how the pruned model is retrained. Arms that need the same scores file
-or pruned checkpoint get the same one (artifacts.py keys them by their config)."""
+"""The nine ablations of issue 8 and a tenth, the seed spread that sizes their noise; each is a
+list of arms, an arm a few Hydra overrides on the study's base config plus how the pruned model
+is retrained. Arms that need the same scores file or pruned checkpoint get the same one
+(artifacts.py keys them by their config)."""
 
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -95,5 +96,11 @@ def build_ablations(s: BudgetSizes) -> List[Ablation]:
                  "Activation scores from more or fewer calibration samples, for width pruning.",
                  [Arm(f"n{n}", (f"importance.num_samples={n}",), after(9))
                   for n in s.calibration]),
+        Ablation(10, "seeds", "Seed-to-seed spread",
+                 "The default student again with other seeds (other calibration samples, "
+                 "another training order; the same held-out batches). The spread of these "
+                 "losses is the yardstick of the claims table: a verdict that a smaller change "
+                 "would reverse is reported as within noise.",
+                 [width_kd] + [Arm(f"seed{n}", (f"runtime.seed={n}",), "kd") for n in s.seeds]),
     ]
 

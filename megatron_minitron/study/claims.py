@@ -1,11 +1,32 @@
 """The papers' claims as rules evaluated on the study's numbers: each rule reads the finished arms
-of one ablation and says "held", "did not hold", or "not run" (an arm it needs is missing)."""
+of one ablation and says "held", "did not hold", or "not run" (an arm it needs is missing).
+
+A rule also gives its margin: how far one of the compared losses would have to move to reverse
+the verdict. Where the seed-to-seed spread of the same student (ablation 10: range of its losses
+over seeds, right after pruning or after retraining, whichever the claim compares) is larger
+than that margin, the verdict is "within noise": one seed cannot tell."""
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 Arms = Dict[str, Dict]
 """Arm name -> its result record (only arms with status "done")."""
+
+
+PRUNED, RETRAINED = "pruned", "retrained"
+"""Which seed spread applies: losses right after pruning, or after retraining."""
+SEEDS = 10
+"""The ablation whose arms are the default student under several seeds."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    held: bool
+    evidence: str
+    margin: Optional[float] = None
+    """The smallest change of one compared loss that reverses the verdict (None: not measured
+    in loss, like the calibration tolerance or the token count to match)."""
+    kind: str = RETRAINED
 
 
 @dataclass(frozen=True)
@@ -13,42 +34,64 @@ class Claim:
     ablation: int
     text: str
     """The claim as the papers make it (Minitron: arXiv 2407.14679; in practice: 2408.11796)."""
-    rule: Callable[[Arms], Optional[Tuple[bool, str]]]
-    """(held, evidence) from the arms, None when an arm it needs did not run."""
+    rule: Callable[[Arms], Optional[Outcome]]
+    """The outcome from the arms, None when an arm it needs did not run."""
 
 
 def _get(arms: Arms, name: str, field: str = "loss") -> Optional[float]:
     return arms.get(name, {}).get(field)
 
 
-def _order(names: List[str], field: str) -> Callable[[Arms], Optional[Tuple[bool, str]]]:
+def _kind(arms: Arms, names: List[str], field: str) -> str:
+    """Arms that did not retrain report their loss after pruning as their loss."""
+    if field == "pruned_loss" or all(arms[n].get("tokens") == 0 for n in names):
+        return PRUNED
+    return RETRAINED
+
+
+def reversal_margin(vals: List[float], strict: bool = True) -> float:
+    """For the claim "vals increase (strictly, or not decreasing)": how far one value has to move
+    to reverse the verdict. Held: the smallest step (one move closes it). Not held: every
+    violated step must be undone, and two neighbours moving split a gap, so the largest one."""
+    steps = [b - a for a, b in zip(vals, vals[1:])]
+    ok = [d > 0 if strict else d >= 0 for d in steps]
+    if all(ok):
+        return min(steps)
+    return max(-d for d, good in zip(steps, ok) if not good)
+
+
+def _order(names: List[str], field: str) -> Callable[[Arms], Optional[Outcome]]:
     """Strictly increasing `field` in the order given (lower loss is better)."""
     def rule(arms):
         vals = [_get(arms, n, field) for n in names]
         if any(v is None for v in vals):
             return None
         held = all(a < b for a, b in zip(vals, vals[1:]))
-        return held, ", ".join(f"{n} {v:.3f}" for n, v in zip(names, vals))
+        return Outcome(held, ", ".join(f"{n} {v:.3f}" for n, v in zip(names, vals)),
+                       reversal_margin(vals), _kind(arms, names, field))
     return rule
 
 
-def _at_most(name: str, other: str) -> Callable[[Arms], Optional[Tuple[bool, str]]]:
+def _at_most(name: str, other: str) -> Callable[[Arms], Optional[Outcome]]:
     """`name` is at least as good as `other` (final loss)."""
     def rule(arms):
         a, b = _get(arms, name), _get(arms, other)
         if a is None or b is None:
             return None
-        return a <= b, f"{name} {a:.3f}, {other} {b:.3f}"
+        return Outcome(a <= b, f"{name} {a:.3f}, {other} {b:.3f}",
+                       reversal_margin([a, b], strict=False), _kind(arms, [name, other], "loss"))
     return rule
 
 
-def _best(name: str, field: str) -> Callable[[Arms], Optional[Tuple[bool, str]]]:
+def _best(name: str, field: str) -> Callable[[Arms], Optional[Outcome]]:
     def rule(arms):
         vals = {n: r[field] for n, r in arms.items() if r.get(field) is not None}
         if name not in vals or len(vals) < 2:
             return None
         best = min(vals, key=vals.get)
-        return best == name, f"{name} {vals[name]:.3f}; best {best} {vals[best]:.3f}"
+        runner_up = min(v for n, v in vals.items() if n != name)
+        return Outcome(best == name, f"{name} {vals[name]:.3f}; best {best} {vals[best]:.3f}",
+                       abs(runner_up - vals[name]), _kind(arms, list(vals), field))
     return rule
 
 
@@ -60,50 +103,57 @@ def tokens_to_match(scratch: Dict, target: float) -> Optional[int]:
     return next((c["tokens"] for c in scratch["curve"] if c["loss"] <= target), None)
 
 
-def _scratch_tokens(arms: Arms) -> Optional[Tuple[bool, str]]:
+def _scratch_tokens(arms: Arms) -> Optional[Outcome]:
     kd, rnd = arms.get("width"), arms.get("random_init")
     if not kd or not rnd:
         return None
     match = tokens_to_match(rnd, kd["loss"])
     if match is None:
         most = rnd["tokens_trained"]
-        return True, (f"random init did not reach {kd['loss']:.3f} within {most:,} tokens "
-                      f"(> {most / kd['tokens']:.0f}x the student's {kd['tokens']:,})")
-    return match > kd["tokens"], (f"random init matched at {match:,} tokens, "
-                                  f"{match / kd['tokens']:.1f}x the student's {kd['tokens']:,}")
+        return Outcome(True, f"random init did not reach {kd['loss']:.3f} within {most:,} "
+                       f"tokens (> {most / kd['tokens']:.0f}x the student's {kd['tokens']:,})")
+    return Outcome(match > kd["tokens"], f"random init matched at {match:,} tokens, "
+                   f"{match / kd['tokens']:.1f}x the student's {kd['tokens']:,}")
 
 
-def _calibration_stable(arms: Arms) -> Optional[Tuple[bool, str]]:
+def _calibration_stable(arms: Arms) -> Optional[Outcome]:
     done = sorted((int(n[1:]), r["pruned_loss"]) for n, r in arms.items())
     if len(done) < 2:
         return None
     (n1, a), (n2, b) = done[-2], done[-1]
-    return abs(a - b) <= 0.01 * b, f"n={n1}: {a:.3f}, n={n2}: {b:.3f} (1% tolerance)"
+    return Outcome(abs(a - b) <= 0.01 * b, f"n={n1}: {a:.3f}, n={n2}: {b:.3f} (1% tolerance)")
 
 
-def _more_calibration(arms: Arms) -> Optional[Tuple[bool, str]]:
+def _more_calibration(arms: Arms) -> Optional[Outcome]:
     done = sorted((int(n[1:]), r["pruned_loss"]) for n, r in arms.items())
     if len(done) < 2:
         return None
     (n1, a), (n2, b) = done[0], done[-1]
-    return b < a, f"n={n1}: {a:.3f}, n={n2}: {b:.3f}"
+    return Outcome(b < a, f"n={n1}: {a:.3f}, n={n2}: {b:.3f}", reversal_margin([b, a]), PRUNED)
 
 
-def _flip(arms: Arms) -> Optional[Tuple[bool, str]]:
+def _flip(arms: Arms) -> Optional[Outcome]:
+    """Two comparisons: with depth ahead right after pruning the order after retraining decides
+    (its margin is the margin); without, the order after pruning already refutes it."""
     w, d = arms.get("width"), arms.get("depth")
     if not w or not d:
         return None
-    return (d["pruned_loss"] < w["pruned_loss"] and w["loss"] < d["loss"],
-            f"after pruning width {w['pruned_loss']:.3f} / depth {d['pruned_loss']:.3f}; after "
-            f"distillation width {w['loss']:.3f} / depth {d['loss']:.3f}")
+    held = d["pruned_loss"] < w["pruned_loss"] and w["loss"] < d["loss"]
+    evidence = (f"after pruning width {w['pruned_loss']:.3f} / depth {d['pruned_loss']:.3f}; "
+                f"after distillation width {w['loss']:.3f} / depth {d['loss']:.3f}")
+    if d["pruned_loss"] < w["pruned_loss"]:  # decided by the order after retraining
+        return Outcome(held, evidence, reversal_margin([w["loss"], d["loss"]]))
+    return Outcome(held, evidence, reversal_margin([d["pruned_loss"], w["pruned_loss"]]), PRUNED)
 
 
-def _loss_beats_cosine(arms: Arms) -> Optional[Tuple[bool, str]]:
-    vals = [_get(arms, n) for n in ("loss", "block", "cosine")]
+def _loss_beats_cosine(arms: Arms) -> Optional[Outcome]:
+    names = ["loss", "block", "cosine"]
+    vals = [_get(arms, n) for n in names]
     if any(v is None for v in vals):
         return None
-    return min(vals[:2]) < vals[2], (f"loss {vals[0]:.3f}, block {vals[1]:.3f}, "
-                                     f"cosine {vals[2]:.3f}")
+    return Outcome(min(vals[:2]) < vals[2], f"loss {vals[0]:.3f}, block {vals[1]:.3f}, "
+                   f"cosine {vals[2]:.3f}", reversal_margin([min(vals[:2]), vals[2]]),
+                   _kind(arms, names, "loss"))
 
 
 CLAIMS = [
@@ -142,12 +192,37 @@ CLAIMS = [
 ]
 
 
+def seed_spread(done: Dict[int, Arms]) -> Dict[str, float]:
+    """{"pruned": range of the loss right after pruning, "retrained": range of the loss after
+    retraining} over the seeds of ablation 10; empty with fewer than two finished seeds."""
+    arms = list(done.get(SEEDS, {}).values())
+    if len(arms) < 2:
+        return {}
+    out = {}
+    for kind, field in ((PRUNED, "pruned_loss"), (RETRAINED, "loss")):
+        vals = [r[field] for r in arms]
+        out[kind] = max(vals) - min(vals)
+    return out
+
+
+def verdict(outcome: Optional[Outcome], spread: Dict[str, float]) -> str:
+    if outcome is None:
+        return "not run"
+    noise = spread.get(outcome.kind)
+    if outcome.margin is not None and noise is not None and outcome.margin < noise:
+        return "within noise"
+    return "held" if outcome.held else "did not hold"
+
+
 def evaluate_claims(done: Dict[int, Arms]) -> List[Dict]:
-    """One record per claim: ablation, claim, verdict, evidence."""
+    """One record per claim: ablation, claim, verdict, evidence, margin, the spread it met."""
+    spread = seed_spread(done)
     out = []
     for c in CLAIMS:
         r = c.rule(done.get(c.ablation, {}))
-        verdict = "not run" if r is None else ("held" if r[0] else "did not hold")
-        out.append({"ablation": c.ablation, "claim": c.text, "verdict": verdict,
-                    "evidence": "" if r is None else r[1]})
+        out.append({"ablation": c.ablation, "claim": c.text, "verdict": verdict(r, spread),
+                    "evidence": "" if r is None else r.evidence,
+                    "leaning": None if r is None else ("held" if r.held else "did not hold"),
+                    "margin": None if r is None else r.margin,
+                    "spread": None if r is None or r.margin is None else spread.get(r.kind)})
     return out

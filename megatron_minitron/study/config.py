@@ -22,17 +22,18 @@ class StudyConfig:
     docs_dir: Optional[str] = None
     """Where RESULTS.md, results.json and the plots go. None: docs/ for quick and full, the
     study folder for tiny (so the test never touches the repository's docs)."""
-    ablations: List[int] = field(default_factory=lambda: list(range(1, 10)))
-    """Which ablations (1-9) to run now; the report shows every finished arm regardless."""
+    ablations: List[int] = field(default_factory=lambda: list(range(1, 11)))
+    """Which ablations (1-9, and 10: the seed-to-seed spread that sizes "within noise") to run
+    now; the report shows every finished arm regardless."""
     overrides: List[str] = field(default_factory=list)
     """Extra Hydra overrides applied to the base config of every arm."""
 
     def __post_init__(self):
         if self.budget not in BUDGETS:
             raise ConfigError("budget", f"unknown {self.budget!r}", f"use one of {BUDGETS}")
-        bad = [a for a in self.ablations if not 1 <= a <= 9]
+        bad = [a for a in self.ablations if not 1 <= a <= 10]
         if bad:
-            raise ConfigError("ablations", f"{bad} are not ablations", "use numbers 1 to 9")
+            raise ConfigError("ablations", f"{bad} are not ablations", "use numbers 1 to 10")
 
     @property
     def study_dir(self) -> str:
@@ -75,6 +76,9 @@ class BudgetSizes:
     distill_after_prune: List[int]
     """Which of ablations 4, 5 and 9 also distill their arms (the others: loss right after
     pruning only)."""
+    seeds: List[int] = field(default_factory=lambda: [2, 3])
+    """runtime.seed of the extra runs of the default student (ablation 10): other calibration
+    samples and another training order, scored on the same held-out batches."""
 
 
 _ALL_AGG = [[s, b] for s in ("mean", "l2", "var") for b in ("mean", "l2", "var")]
@@ -84,7 +88,7 @@ SIZES = {
                         aggregations=[["mean", "l2"], ["l2", "mean"]], scratch_factor=2,
                         scratch_points=2, hidden_pairs=[[2, 2], [4, 4]],
                         note="plumbing only: a random 4-layer teacher, 2 distillation steps; "
-                        "the numbers mean nothing", distill_after_prune=[]),
+                        "the numbers mean nothing", distill_after_prune=[], seeds=[2]),
     "quick": BudgetSizes(depth_layers=15, kept_heads=6, calibration=[16, 64, 256],
                          depth_samples=16,
                          aggregations=_ALL_AGG,

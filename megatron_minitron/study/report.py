@@ -84,7 +84,9 @@ def markdown(res: Dict) -> str:
              "Written by `bench/study.py` from the arm results under "
              f"`{res['study_dir']}/arms/`; do not edit by hand. Loss is the mean next-token "
              "cross entropy (nats) on the same held-out validation batches for every model; "
-             "lower is better. One seed per arm: small margins are within run-to-run noise. "
+             "lower is better. One seed per arm; ablation 10 reruns the default student with other "
+             "seeds, and a verdict that a change smaller than that spread would reverse is "
+             "reported as within noise. "
              "Compute seconds: the recorded time of every stage an arm used (scoring, pruning, "
              "retraining, evaluation; the teacher's import excluded), whether it ran for this "
              "arm or was shared with another.", ""]
@@ -95,12 +97,21 @@ def markdown(res: Dict) -> str:
     verdicts = [c["verdict"] for c in res["claims"]]
     lines += ["## Which of the papers' claims held here", "",
               f"{verdicts.count('held')} held, {verdicts.count('did not hold')} did not hold, "
+              f"{verdicts.count('within noise')} within noise (one seed cannot tell), "
               f"{verdicts.count('not run')} not run (an arm they need has no finished result). "
               "Each verdict is a rule evaluated on the numbers below "
-              "(megatron_minitron/study/claims.py).", "",
-              "| ablation | claim | verdict | evidence (loss) |", "|---|---|---|---|"]
-    lines += [f"| {c['ablation']} | {c['claim']} | **{c['verdict']}** | {c['evidence']} |"
-              for c in res["claims"]]
+              "(megatron_minitron/study/claims.py). Margin: how far one compared loss would "
+              "have to move to reverse the verdict; seed spread: the range of the default "
+              "student's loss over seeds (ablation 10), right after pruning or after "
+              "retraining, whichever the claim compares.", "",
+              "| ablation | claim | verdict | evidence (loss) | margin | seed spread |",
+              "|---|---|---|---|---|---|"]
+    for c in res["claims"]:
+        shown = c["verdict"]
+        if shown == "within noise":
+            shown += f" (leans {c['leaning']})"
+        lines.append(f"| {c['ablation']} | {c['claim']} | **{shown}** | {c['evidence']} | "
+                     f"{_num(c['margin'], '.3f')} | {_num(c['spread'], '.3f')} |")
     lines += ["", "![loss after pruning](study_pruned.png)", "",
               "![loss after retraining](study_retrained.png)", ""]
     for abl in res["ablations"]:

@@ -1,6 +1,7 @@
 """Run the study's arms in one process, one JSON per finished arm (arms/<ablation>/<arm>.json),
 so a rerun skips finished arms; a failed arm is recorded as failed and retried next time."""
 
+import dataclasses
 import json
 import time
 import traceback
@@ -61,7 +62,7 @@ def run_study(study: StudyConfig, on_progress=None) -> None:
                 start, art.runner.seconds = time.time(), 0.0
                 try:
                     cfg = load_config(base_overrides(study) + list(arm.overrides))
-                    row = run_arm(art, cfg, teacher, arm, study)
+                    row = run_arm(art, cfg, teacher, arm, study, base.runtime.seed)
                     row.update(status="done", seconds=round(time.time() - start, 1),
                                compute_seconds=round(art.runner.seconds, 1))
                 except Exception as e:  # one broken arm must not cost the others their run
@@ -78,8 +79,11 @@ def run_study(study: StudyConfig, on_progress=None) -> None:
 
 
 def run_arm(art: Artifacts, cfg: MinitronConfig, teacher: str, arm: Arm,
-            study: StudyConfig) -> Dict:
-    """Prune (in pipeline.iterations rounds, as `minitron pipeline` does), retrain, evaluate."""
+            study: StudyConfig, eval_seed: int) -> Dict:
+    """Prune (in pipeline.iterations rounds, as `minitron pipeline` does), retrain, evaluate.
+    Every arm is evaluated on the held-out batches that `eval_seed` (the base config's seed)
+    picks, also an arm that trains with another runtime.seed."""
+    held_out = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, seed=eval_seed))
     budgets = round_budgets(cfg, teacher)
     check_target(cfg, teacher, budgets[-1])
     iters = cfg.pipeline.distill_iters // len(budgets)
@@ -98,7 +102,7 @@ def run_arm(art: Artifacts, cfg: MinitronConfig, teacher: str, arm: Arm,
             student = art.cross_entropy(rcfg, pruned, iters)["checkpoint"]
             tokens += iters * tokens_per_step
     model = ckpt.read_header(pruned).model
-    after_prune = art.evaluate(cfg, pruned)
+    after_prune = art.evaluate(held_out, pruned)
     row = {"params": model.num_parameters(),
            "params_non_embedding": model.num_parameters(include_embeddings=False),
            "architecture": {k: getattr(model, k) for k in (
@@ -113,12 +117,12 @@ def run_arm(art: Artifacts, cfg: MinitronConfig, teacher: str, arm: Arm,
         equal = art.scratch(cfg, teacher, pruned, n, n)[-1]
         long = art.scratch(cfg, teacher, pruned, n * s.scratch_factor,
                            max(n * s.scratch_factor // s.scratch_points, 1))
-        curve = [dict(tokens=c["tokens"], **_loss(art.evaluate(cfg, c["checkpoint"])))
+        curve = [dict(tokens=c["tokens"], **_loss(art.evaluate(held_out, c["checkpoint"])))
                  for c in long]
-        row.update(_loss(art.evaluate(cfg, equal["checkpoint"])), tokens=equal["tokens"],
+        row.update(_loss(art.evaluate(held_out, equal["checkpoint"])), tokens=equal["tokens"],
                    curve=curve, tokens_trained=curve[-1]["tokens"])
     else:
-        final = art.evaluate(cfg, student) if arm.retrain != "none" else after_prune
+        final = art.evaluate(held_out, student) if arm.retrain != "none" else after_prune
         row.update(_loss(final), tokens=tokens)
     return row
 
