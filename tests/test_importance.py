@@ -254,6 +254,9 @@ def test_importance_config_validation():
     with pytest.raises(ConfigError) as e:
         ImportanceConfig(block_sizes=[0])
     assert e.value.field == "importance.block_sizes"
+    with pytest.raises(ConfigError) as e:
+        ImportanceConfig(head_score="gradient")
+    assert e.value.field == "importance.head_score"
 
 
 # ---- megatron-core model, spawned ----------------------------------------------------------
@@ -381,6 +384,23 @@ def test_magnitude_scores_do_not_depend_on_the_layout():
             for key, ref in reference.items():
                 torch.testing.assert_close(rank[f"{name}_magnitude"][key], ref, rtol=1e-5,
                                            atol=1e-6, msg=lambda msg: f"{name} {key}: {msg}")
+
+
+def test_projected_head_norms_match_the_heads_projected_outputs():
+    torch.manual_seed(0)
+    s, b, heads, hn, hidden = 5, 3, 4, 8, 24
+    x = torch.randn(s, b, heads * hn)
+    w = torch.randn(hidden, heads * hn)
+    w[:, 2 * hn:3 * hn] = 0  # head 2 writes nothing to the residual stream
+    got = agg.projected_head_norms(x, w, hn)  # [s, b, heads]
+    want = torch.stack([(x[..., h * hn:(h + 1) * hn] @ w[:, h * hn:(h + 1) * hn].T).norm(dim=-1)
+                        for h in range(heads)], dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[..., 2] == 0).all() and (agg.head_norms(x, hn)[..., 2] > 0).all()
+    # TP: each rank's row-parallel shard holds its heads' columns over the full hidden size
+    halves = [agg.projected_head_norms(x[..., r * 2 * hn:(r + 1) * 2 * hn],
+                                       w[:, r * 2 * hn:(r + 1) * 2 * hn], hn) for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(halves, dim=-1), got)
 
 
 def test_importance_source_is_validated():

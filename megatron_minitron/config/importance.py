@@ -7,6 +7,7 @@ from megatron_minitron.config.errors import ConfigError
 
 AGGREGATIONS = ("mean", "l2", "var")
 SOURCES = ("activation", "magnitude", "random")
+HEAD_SCORES = ("output", "projected")
 
 
 @dataclass
@@ -40,6 +41,10 @@ class ImportanceConfig:
     """Reduction of one sample's activations over its tokens: mean, l2 or var."""
     sample_aggregation: str = "l2"
     """Reduction of the per-sample values over samples: mean, l2 or var."""
+    head_score: str = "output"
+    """What an attention head's activation is. "output": its attention output, the input of
+    linear_proj (the Minitron paper). "projected": what it writes to the residual stream, its
+    output through its columns of linear_proj (sees a head whose projection is small)."""
     width: bool = True
     """Score MLP neurons, attention heads, query groups and embedding channels."""
     depth_cosine: bool = True
@@ -54,6 +59,9 @@ class ImportanceConfig:
         if self.source not in SOURCES:
             raise ConfigError("importance.source", f"unknown {self.source!r}",
                               f"use one of {SOURCES}")
+        if self.head_score not in HEAD_SCORES:
+            raise ConfigError("importance.head_score", f"unknown {self.head_score!r}",
+                              f"use one of {HEAD_SCORES}")
         for name in ("seq_aggregation", "sample_aggregation"):
             if getattr(self, name) not in AGGREGATIONS:
                 raise ConfigError(f"importance.{name}", f"unknown {getattr(self, name)!r}",

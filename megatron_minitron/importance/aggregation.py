@@ -77,6 +77,22 @@ def head_norms(x: torch.Tensor, kv_channels: int) -> torch.Tensor:
     return x.float().reshape(s, b, -1, kv_channels).norm(dim=-1)
 
 
+def projected_head_norms(x: torch.Tensor, proj_weight: torch.Tensor, kv_channels: int
+                         ) -> torch.Tensor:
+    """Per-token L2 norm of what each head writes to the residual stream, ||W_h x_h|| with W_h
+    the head's columns of linear_proj, through the heads' Gram matrices W_h^T W_h (never a
+    [s, b, np, hidden] tensor). A head whose output projection is small scores small here,
+    where head_norms cannot see it. Under TP the row-parallel weight holds this rank's heads'
+    columns over the full hidden size, so the norm is exact on each rank.
+    # x [s, b, np*hn], proj_weight [hidden, np*hn] -> [s, b, np]"""
+    s, b, _ = x.shape
+    w = proj_weight.float().reshape(proj_weight.shape[0], -1, kv_channels)  # [h, np, hn]
+    gram = torch.einsum("hnd,hne->nde", w, w)  # [np, hn, hn]
+    xh = x.float().reshape(s, b, -1, kv_channels)
+    sq = torch.einsum("sbnd,nde->sbne", xh, gram).mul_(xh).sum(dim=-1)
+    return sq.clamp_min_(0).sqrt_()
+
+
 def accumulate(stats: Stats, name: str, row: int, col0: int, per_sample: torch.Tensor) -> None:
     """Add per-sample values [b, c] into stats[name_sum/sumsq][row, col0:col0+c]."""
     per_sample = per_sample.float()

@@ -2,7 +2,8 @@
 
 Where each score is read, in megatron-core module names:
   MLP neurons      input of mlp.linear_fc2 (after the activation / GLU), per channel;
-  attention heads  input of self_attention.linear_proj, L2 over kv_channels per head;
+  attention heads  input of self_attention.linear_proj, L2 over kv_channels per head
+                   (importance.head_score=projected: L2 of the head's linear_proj output);
   channels         output of input_layernorm, pre_mlp_layernorm and decoder.final_layernorm.
 With the Transformer-Engine spec the two per-layer norms are fused into linear_qkv / linear_fc1
 (TELayerNormColumnParallelLinear, input_layernorm is an IdentityOp) and their output is never
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance.aggregation import (Stats, TokenMask, accumulate, head_norms,
-                                                      reduce_sequence)
+                                                      projected_head_norms, reduce_sequence)
 
 
 def first_input(args, kwargs) -> torch.Tensor:
@@ -85,9 +86,10 @@ class WidthHooks(HookSet):
 
     def __init__(self, chunks: List[torch.nn.Module], model: ModelConfig, stats: Stats,
                  seq_aggregation: str, tp_rank: int, tp_size: int,
-                 mask: Optional[TokenMask] = None):
+                 mask: Optional[TokenMask] = None, head_score: str = "output"):
         self.chunks, self.model, self.stats = chunks, model, stats
         self.how, self.tp_rank, self.tp_size = seq_aggregation, tp_rank, tp_size
+        self.head_score = head_score
         self.mask = mask or TokenMask()
         self.handles: list = []
 
@@ -117,9 +119,12 @@ class WidthHooks(HookSet):
         local = x.shape[-1]
         accumulate(self.stats, "neuron", row, self.tp_rank * local, self._reduce(x))
 
-    def _heads(self, row: int, x: torch.Tensor) -> None:
+    def _heads(self, row: int, x: torch.Tensor, proj: torch.nn.Module) -> None:
         # [s, b, np*hn] -> [s, b, np] -> [b, np] at global head indices of this TP shard
-        per_head = head_norms(x, self.model.kv_channels)
+        if self.head_score == "projected":
+            per_head = projected_head_norms(x, proj.weight, self.model.kv_channels)
+        else:
+            per_head = head_norms(x, self.model.kv_channels)
         local = per_head.shape[-1]
         accumulate(self.stats, "head", row, self.tp_rank * local, self._reduce(per_head))
 
@@ -132,7 +137,7 @@ class WidthHooks(HookSet):
                 raise ConfigError("model", f"layer {i + 1} has no dense MLP (mixture of experts?)",
                                   "importance supports dense GPT layers only")
             self._pre(mlp.linear_fc2, lambda x, i=i: self._neurons(i, x))
-            self._pre(attn.linear_proj, lambda x, i=i: self._heads(i, x))
+            self._pre(attn.linear_proj, lambda x, i=i, p=attn.linear_proj: self._heads(i, x, p))
             self._norm_site(layer.input_layernorm, attn.linear_qkv, 2 * i)
             self._norm_site(layer.pre_mlp_layernorm, mlp.linear_fc1, 2 * i + 1)
         for norm in final_norms(self.chunks):

@@ -117,7 +117,7 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
     with ExitStack() as hooks:
         if cfg.width:
             hooks.enter_context(WidthHooks(chunks, model, stats, cfg.seq_aggregation,
-                                           ctx.tp_rank, ctx.tp_size, mask))
+                                           ctx.tp_rank, ctx.tp_size, mask, cfg.head_score))
         if cfg.depth_cosine:
             hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank, mask))
         base = forward_pass(chunks, make_batches, ctx, stats,

@@ -69,10 +69,15 @@ def build_ablations(s: BudgetSizes) -> List[Ablation]:
                   Arm("block", _depth(s) + ("prune.depth_mode=block",), after(4))]),
         Ablation(5, "heads", "Heads: inside groups versus whole groups",
                  f"Keep {s.kept_heads} query heads: uniformly inside every group, or by dropping "
-                 "whole query groups (the latter also drops their key/value heads).",
+                 "whole query groups (the latter also drops their key/value heads). "
+                 "heads_projected ranks heads inside groups by what they write through "
+                 "linear_proj instead of by their attention output (importance.head_score).",
                  [Arm(mode, (f"prune.target.num_attention_heads={s.kept_heads}",
                              f"prune.head_mode={mode}"), after(5))
-                  for mode in ("heads", "groups")]),
+                  for mode in ("heads", "groups")]
+                 + [Arm("heads_projected", (f"prune.target.num_attention_heads={s.kept_heads}",
+                                            "prune.head_mode=heads",
+                                            "importance.head_score=projected"), after(5))]),
         Ablation(6, "retraining", "Retraining losses",
                  "The width-pruned student retrained for the same tokens by logit KD, plain "
                  "cross entropy, KD + CE, KD + hidden-state cosine, KD at temperature 2.",
