@@ -43,16 +43,45 @@ def _describe(overrides):
             "adam": f"{type(inner).__module__}.{type(inner).__name__}"}
 
 
-def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu():
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(capsys):
     from megatron_minitron.config.parallel import RuntimeConfig
-    from megatron_minitron.runtime.device import resolve_precision
+    from megatron_minitron.runtime import device
+    from megatron_minitron.runtime.device import choose_precision, resolve_precision
 
-    assert RuntimeConfig().precision == "auto"
-    assert resolve_precision(RuntimeConfig(), "cuda") == "bf16"
-    assert resolve_precision(RuntimeConfig(), "cpu") == "fp32"
-    assert resolve_precision(RuntimeConfig(device="cpu")) == "fp32"
-    assert resolve_precision(RuntimeConfig(precision="fp32"), "cuda") == "fp32"
-    assert resolve_precision(RuntimeConfig(precision="bf16"), "cpu") == "bf16"
+    auto = RuntimeConfig()
+    assert auto.precision == "auto"
+    plain = frozenset({"avx2", "avx512f", "avx512_vnni"})  # Ice-Lake-class: emulated bf16
+    assert choose_precision(auto, "cpu", flags=plain).precision == "fp32"
+    assert choose_precision(auto, "cpu", flags=plain | {"amx_bf16"}).precision == "bf16"
+    assert choose_precision(auto, "cpu", flags=plain | {"avx512_bf16"}).precision == "bf16"
+    assert choose_precision(auto, "cuda", capability=(9, 0)).precision == "bf16"
+    assert choose_precision(auto, "cuda", capability=(8, 0)).precision == "bf16"
+    assert choose_precision(auto, "cuda", capability=(7, 5)).precision == "fp32"
+    assert "7.5 < 8.0" in choose_precision(auto, "cuda", capability=(7, 5)).reason
+    assert "amx_bf16" in choose_precision(auto, "cpu", flags=plain | {"amx_bf16"}).reason
+    fp32 = RuntimeConfig(precision="fp32")
+    assert choose_precision(fp32, "cuda", capability=(9, 0)).precision == "fp32"
+    assert resolve_precision(RuntimeConfig(device="cpu")) in ("fp32", "bf16")
+    # an explicit bf16 on a CPU that emulates it runs, and says so once
+    device._said.clear()
+    capsys.readouterr()
+    bf16 = RuntimeConfig(precision="bf16")
+    for _ in range(3):
+        assert choose_precision(bf16, "cpu", flags=plain).precision == "bf16"
+    err = capsys.readouterr().err
+    assert err.count("emulated") == 1 and "runtime.precision" in err
+    assert choose_precision(bf16, "cpu", flags=plain | {"amx_bf16"}).precision == "bf16"
+    assert capsys.readouterr().err == ""
+
+
+def test_shipped_experiments_leave_precision_to_the_machine():
+    from pathlib import Path
+
+    import yaml
+
+    for f in sorted((Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")):
+        runtime = (yaml.safe_load(f.read_text()) or {}).get("runtime") or {}
+        assert runtime.get("precision", "auto") == "auto", f.name
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ import signal
 import time
 
 import torch
+import yaml
 
 from cli_process import losses, minitron
 from distributed import run_distributed
@@ -56,6 +57,8 @@ def test_unknown_stage_and_unknown_key(tmp_path):
 def test_checkpoint_with_another_architecture_is_refused(tmp_path):
     p = minitron("train", *FAST, "train.train_iters=2", f"run.dir={tmp_path / 'a'}")
     assert p.wait(timeout=120) == 0, p.stderr.read()
+    resolved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["resolved"]
+    assert resolved["precision"] in ("fp32", "bf16") and "auto:" in resolved["precision_reason"]
     p = minitron("train", *FAST, "train.train_iters=2", f"run.dir={tmp_path / 'b'}",
                  f"checkpoint.load={tmp_path / 'a' / 'checkpoints'}", "model.hidden_size=128")
     assert p.wait(timeout=120) == 2

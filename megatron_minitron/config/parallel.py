@@ -69,8 +69,10 @@ class RuntimeConfig:
     are both present)."""
     precision: str = "auto"
     """"fp32", "bf16" (megatron-core mixed precision: bf16 weights and activations, fp32 main
-    weights and grads in the optimizer), or "auto": bf16 on CUDA, fp32 on CPU (resolved by
-    runtime.device.resolve_precision)."""
+    weights and grads in the optimizer), or "auto": bf16 where the hardware computes it natively
+    (GPUs of compute capability >= 8.0; CPUs with AMX-BF16 or AVX512-BF16), fp32 elsewhere
+    (runtime.device.choose_precision; the choice and its reason go to the run's config.yaml).
+    An explicit bf16 on a CPU that emulates it runs, slower, and says so once."""
     seed: int = 1234
     """Seed for weights init, dropout and data order."""
     deterministic: bool = False

@@ -2,8 +2,10 @@
 
 import importlib.util
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -20,13 +22,81 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def resolve_precision(cfg: RuntimeConfig, device_type: Optional[str] = None) -> str:
-    """'fp32' or 'bf16'. "auto" is bf16 on CUDA (tensor cores, half the activation memory) and
-    fp32 on CPU, where bf16 matmuls are slow and only tests use it."""
-    if cfg.precision != "auto":
-        return cfg.precision
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags of CPUs that compute bf16 matmuls natively. torch's own
+`torch.ops.mkldnn._is_mkldnn_bf16_supported()` is not used: it says True on AVX-512 CPUs without
+either flag (oneDNN emulates bf16 there, 3-4x slower than fp32; measured on an Ice-Lake-class
+Xeon)."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What runtime.precision resolved to on this machine, and why (written to config.yaml)."""
+
+    precision: str
+    reason: str
+
+
+def cpu_flags() -> Optional[frozenset]:
+    """The CPU's feature flags from /proc/cpuinfo, or None where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return frozenset(w for line in text.splitlines() if line.startswith("flags")
+                     for w in line.split(":", 1)[1].split())
+
+
+def native_bf16(device_type: str, flags: Optional[frozenset] = None,
+                capability: Optional[Tuple[int, int]] = None) -> Tuple[bool, str]:
+    """(True if this device computes bf16 natively, the reason in words)."""
+    if device_type == "cuda":
+        if capability is None and torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability()
+        if capability is None:
+            return True, "CUDA device (compute capability not readable here; assumed >= 8.0)"
+        cc = f"{capability[0]}.{capability[1]}"
+        if tuple(capability) >= (8, 0):
+            return True, f"CUDA compute capability {cc} >= 8.0 has bf16 tensor cores"
+        return False, f"CUDA compute capability {cc} < 8.0 has no bf16 tensor cores"
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return False, "CPU flags unreadable (no /proc/cpuinfo): bf16 may be emulated"
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"CPU has {'+'.join(found)}"
+    return False, ("CPU has neither " + " nor ".join(CPU_BF16_FLAGS) +
+                   ": bf16 would be emulated, 3-4x slower than fp32")
+
+
+def choose_precision(cfg: RuntimeConfig, device_type: Optional[str] = None,
+                     flags: Optional[frozenset] = None,
+                     capability: Optional[Tuple[int, int]] = None) -> PrecisionChoice:
+    """runtime.precision on this machine. "auto" is bf16 where the hardware computes it
+    natively (AMX-BF16 or AVX512-BF16 CPUs, CUDA compute capability >= 8.0), else fp32. An
+    explicit choice is kept; bf16 on a CPU that emulates it is said once on stderr."""
     device_type = device_type or resolve_device(cfg).type
-    return "bf16" if device_type == "cuda" else "fp32"
+    native, why = native_bf16(device_type, flags, capability)
+    if cfg.precision == "auto":
+        return PrecisionChoice("bf16" if native else "fp32", f"auto: {why}")
+    if cfg.precision == "bf16" and not native:
+        _say_once("bf16-emulated", f"minitron: warning: runtime.precision=bf16 on a {why}; "
+                  "set runtime.precision=auto (fp32 here) for speed")
+    return PrecisionChoice(cfg.precision, f"set explicitly ({why})")
+
+
+def resolve_precision(cfg: RuntimeConfig, device_type: Optional[str] = None) -> str:
+    """'fp32' or 'bf16' (choose_precision without the reason)."""
+    return choose_precision(cfg, device_type).precision
+
+
+_said: set = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        print(message, file=sys.stderr)
 
 
 def transformer_engine_status() -> str:

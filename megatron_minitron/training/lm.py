@@ -9,6 +9,7 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import to_yaml
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.models.builder import build_model
+from megatron_minitron.runtime.device import choose_precision
 from megatron_minitron.runtime.distributed import ParallelContext, initialize, teardown
 from megatron_minitron.training.data_source import build_source, resolve_tokenizer
 from megatron_minitron.training.lm_step import LMStep
@@ -19,9 +20,13 @@ StepFactory = Callable[[MinitronConfig, ParallelContext], Callable[[list], objec
 
 
 def write_resolved_config(cfg: MinitronConfig, rank: int) -> None:
+    """The stage's config, with what "auto" settings resolved to on this machine and why."""
     if rank == 0:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
+        choice = choose_precision(cfg.runtime)
+        resolved = to_yaml({"resolved": {"precision": choice.precision,
+                                         "precision_reason": choice.reason}})
+        (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg) + resolved)
 
 
 def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: StepFactory
