@@ -9,6 +9,7 @@ LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
 HIDDEN_LOSSES = ("none", "cosine", "mse")
 BALANCING = ("auto", "fixed")
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
+FUSED_OUTPUT = ("auto", "true", "false")
 
 
 @dataclass
@@ -51,6 +52,12 @@ class DistillConfig:
     many tokens as keep one fp32 chunk within 2 MiB on CPU (temporaries stay in the
     allocator's heap and the cache: 2.7x faster than 1024 tokens at vocabulary 8k, measured)
     or 512 MiB on GPU (distill/losses.py `chunk_rows`)."""
+    fused_output: str = "auto"
+    """Fuse both models' output layers into the logit loss: "true" computes logits, loss and
+    gradients chunk by chunk from the final hidden states, so no [tokens, vocab] logits tensor
+    of either model is ever made (distill/fused_output.py); "false" lets each output layer make
+    its full logits and chunks only the loss; "auto" is "true" (every layout and loss supports
+    it). Same values and gradients either way, to rounding."""
     hidden_loss: str = "none"
     """Loss between paired hidden states: "none", "cosine" (1 - cosine similarity per token)
     or "mse" (mean squared error per token)."""
@@ -70,7 +77,8 @@ class DistillConfig:
     """With balancing=fixed: weight of the embedding term."""
 
     def __post_init__(self):
-        choices = (("logit_loss", LOGIT_LOSSES), ("hidden_loss", HIDDEN_LOSSES),
+        self.fused_output = str(self.fused_output).lower()  # Hydra parses true/false as bools
+        choices = (("fused_output", FUSED_OUTPUT), ("logit_loss", LOGIT_LOSSES), ("hidden_loss", HIDDEN_LOSSES),
                    ("balancing", BALANCING), ("teacher_precision", TEACHER_PRECISIONS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -106,6 +114,10 @@ class DistillConfig:
             raise ConfigError("distill.hidden_loss", "is none but layer_pairs or "
                               "embedding_loss ask for hidden-state terms",
                               "set hidden_loss=cosine or mse, or drop the pairs")
+
+    @property
+    def fuses_output_layer(self) -> bool:
+        return self.fused_output in ("auto", "true")
 
     @property
     def uses_hidden_states(self) -> bool:

@@ -5,6 +5,7 @@ whole beside the student; with it, each stage runs its teacher layers beside its
 and the stage-to-stage tensor carries both (distill/pipeline.py explains the design, including
 how hidden-state terms of early stages reach the loss on the last stage)."""
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Dict, Mapping, Optional
 
@@ -12,10 +13,12 @@ import torch
 
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill.balancing import combine
+from megatron_minitron.distill.fused_output import fused_logit_distillation_loss
 from megatron_minitron.distill.hidden import EMBEDDING, HiddenStateLoss, StateCapture
 from megatron_minitron.distill.losses import logit_distillation_loss
 from megatron_minitron.distill.pipeline import StageChannel
 from megatron_minitron.models.builder import unwrap
+from megatron_minitron.models.output_layer import hidden_states_out, output_weight
 from megatron_minitron.training.lm_step import to_device
 
 
@@ -36,6 +39,8 @@ class KDStep:
         self.real_vocab_size, self.device = real_vocab_size, device
         s_gpt, t_gpt = unwrap(student), unwrap(teacher)
         self.first, self.last = s_gpt.pre_process, s_gpt.post_process
+        self.fused = cfg.fuses_output_layer and self.last
+        """The last stage hands final hidden states to the loss, which makes the logits."""
         self.teacher_dtype = t_gpt.config.params_dtype
         self.hidden: Optional[HiddenStateLoss] = None
         names = []
@@ -63,9 +68,11 @@ class KDStep:
             student_in, teacher_in, carried = self.channel.split(s_gpt.decoder.input_tensor)
             s_gpt.set_input_tensor(student_in)
             unwrap(self.teacher).set_input_tensor(teacher_in.to(self.teacher_dtype))
-        with torch.no_grad():
+        t_gpt, s_gpt = unwrap(self.teacher), unwrap(model)
+        with torch.no_grad(), self._outputs(t_gpt):
             teacher_out = self.teacher(batch["tokens"], batch["position_ids"], None)
-        student_out = model(batch["tokens"], batch["position_ids"], None)
+        with self._outputs(s_gpt):
+            student_out = model(batch["tokens"], batch["position_ids"], None)
         terms = {} if self.hidden is None else self.hidden(
             self.student_states.pop(), self.teacher_states.pop(), batch["loss_mask"], "sum")
         if not self.last:  # [s, b, h_s], [s, b, h_t] -> [s, b, h_s + h_t + n]
@@ -73,14 +80,22 @@ class KDStep:
         if self.hidden is not None:  # every term: from an earlier stage, or from this one
             terms = {n: sum(d[n] for d in (carried, terms) if n in d)
                      for n in self.hidden.term_names}
-        return student_out, partial(self._loss, batch, teacher_out, terms)
+        return student_out, partial(self._loss, batch, teacher_out, terms, s_gpt, t_gpt)
 
-    def _loss(self, batch: Dict[str, torch.Tensor], teacher_logits,
-              terms: Mapping[str, torch.Tensor], student_logits):
-        out = logit_distillation_loss(
-            student_logits, teacher_logits, self.cfg, loss_mask=batch["loss_mask"],
-            labels=batch["labels"], real_vocab_size=self.real_vocab_size,
-            tp_group=self.tp_group, reduction="sum", batch_first=True)
+    def _outputs(self, gpt):
+        """Fused: the model returns final hidden states `[b, s, h]`, not logits."""
+        return hidden_states_out(gpt) if self.fused else nullcontext()
+
+    def _loss(self, batch: Dict[str, torch.Tensor], teacher_out,
+              terms: Mapping[str, torch.Tensor], s_gpt, t_gpt, student_out):
+        common = dict(loss_mask=batch["loss_mask"], labels=batch["labels"],
+                      real_vocab_size=self.real_vocab_size, tp_group=self.tp_group,
+                      reduction="sum", batch_first=True)
+        if self.fused:  # student_out, teacher_out: final hidden states [b, s, h]
+            out = fused_logit_distillation_loss(student_out, output_weight(s_gpt), teacher_out,
+                                                output_weight(t_gpt), self.cfg, **common)
+        else:  # logits [b, s, v/tp]
+            out = logit_distillation_loss(student_out, teacher_out, self.cfg, **common)
         parts = combine(out, terms, self.cfg)
         n = out.num_tokens.float()
         lm = out.ce  # the student's LM loss, from the same chunked pass over its logits

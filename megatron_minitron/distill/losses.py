@@ -68,33 +68,16 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         t_flat = teacher.reshape(-1, teacher.shape[-1])
         grad = torch.empty_like(s_flat)
         grad[:, nr:] = 0
-        temp = cfg.temperature
-        kd_scale = temp * temp if cfg.scale_by_temperature_squared else 1.0
-        kd_sum = torch.zeros((), dtype=torch.float32, device=student.device)
-        ce_sum = torch.zeros_like(kd_sum)
+        sums = torch.zeros(2, dtype=torch.float32, device=student.device)  # kd, ce
         step = cfg.token_chunk_size or chunk_rows(nr, student.device)
-        in_place = spans_ranks(group)  # the vocab-parallel softmax overwrites its input
         for start in range(0, s_flat.shape[0], step):
             rows = slice(start, start + step)
-            w = weights[rows]  # [c] mask / normalizer
-            s = _scaled_fp32(s_flat[rows, :nr], temp, in_place)
-            t = _scaled_fp32(t_flat[rows, :nr], temp, in_place)
-            per_token, g = _divergence(cfg, s, t, vocab_start, group)
-            del s, t
-            kd_sum += (per_token * w).sum() * kd_scale
-            g.mul_((w * (cfg.kd_weight * kd_scale / temp)).unsqueeze(-1))
-            if cfg.ce_weight > 0:
-                x = s_flat[rows, :nr].to(torch.float32, copy=True)
-                per_token, g_ce = divergences.cross_entropy(x, labels[rows], vocab_start, group)
-                ce_sum += (per_token * w).sum()
-                g.add_(g_ce.mul_((w * cfg.ce_weight).unsqueeze(-1)))
-                del x, g_ce
-            elif labels is not None:  # the student's LM loss for the log, no gradient
-                ce_sum += (divergences.cross_entropy_value(
-                    s_flat[rows, :nr], labels[rows], vocab_start, group) * w).sum()
-            grad[rows, :nr] = g
-            del g
+            lab = None if labels is None else labels[rows]
+            grad[rows, :nr] = chunk_loss(cfg, s_flat[rows, :nr], t_flat[rows, :nr],
+                                         weights[rows], lab, vocab_start, group, sums,
+                                         owned=False)
         ctx.grad = grad.view(student.shape)
+        kd_sum, ce_sum = sums[0], sums[1]
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum, kd_sum, ce_sum
 
@@ -108,11 +91,42 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None, None, None
 
 
-def _scaled_fp32(x: torch.Tensor, temp: float, in_place: bool) -> torch.Tensor:
-    """x / temp in fp32: a private copy when the divergence will overwrite it, else a view of
-    the logits themselves when they are already fp32 and temp is 1 (no pass over memory)."""
-    fresh = in_place or x.dtype != torch.float32
-    x = x.to(torch.float32, copy=in_place)
+def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: torch.Tensor, w: torch.Tensor,
+               labels: Optional[torch.Tensor], vocab_start: int, group, sums: torch.Tensor,
+               owned: bool) -> torch.Tensor:
+    """One chunk of tokens: adds its weighted KD and CE sums to `sums` ([2] fp32: kd, ce) and
+    returns d(kd_weight * kd + ce_weight * ce) / d s_raw, fp32 `[c, v_real/tp]`.
+
+    s_raw, t_raw: `[c, v_real/tp]` logits of any dtype (not yet divided by the temperature);
+    w: `[c]` per-token weights (mask / normaliser); labels: `[c]` global ids or None.
+    owned: the caller gives up s_raw and t_raw, so the math may overwrite them (saves copies
+    when the logits were made just for this chunk, as in the fused output layer)."""
+    temp = cfg.temperature
+    kd_scale = temp * temp if cfg.scale_by_temperature_squared else 1.0
+    g_ce = None
+    if cfg.ce_weight > 0:  # before the divergence, which may overwrite owned logits
+        x = s_raw.to(torch.float32, copy=True)
+        per_token, g_ce = divergences.cross_entropy(x, labels, vocab_start, group)
+        sums[1] += (per_token * w).sum()
+        g_ce.mul_((w * cfg.ce_weight).unsqueeze(-1))
+        del x
+    elif labels is not None:  # the student's LM loss for the log, no gradient
+        sums[1] += (divergences.cross_entropy_value(s_raw, labels, vocab_start, group) * w).sum()
+    copy = spans_ranks(group) and not owned  # the vocab-parallel softmax overwrites its input
+    s = _scaled_fp32(s_raw, temp, copy)
+    t = _scaled_fp32(t_raw, temp, copy)
+    per_token, g = _divergence(cfg, s, t, vocab_start, group)
+    del s, t
+    sums[0] += (per_token * w).sum() * kd_scale
+    g.mul_((w * (cfg.kd_weight * kd_scale / temp)).unsqueeze(-1))
+    return g if g_ce is None else g.add_(g_ce)
+
+
+def _scaled_fp32(x: torch.Tensor, temp: float, copy: bool) -> torch.Tensor:
+    """x / temp in fp32: a private copy when asked (the divergence will overwrite it and x must
+    survive), else x itself when already fp32 and temp is 1 (no pass over memory)."""
+    fresh = copy or x.dtype != torch.float32
+    x = x.to(torch.float32, copy=copy)
     if temp == 1.0:
         return x
     return x.div_(temp) if fresh else x / temp
@@ -149,8 +163,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r}: use one of {REDUCTIONS}")
     d0, d1, v = student_logits.shape
-    b, s_len = (d0, d1) if batch_first else (d1, d0)
-    tp_rank, tp_size = group_rank_size(tp_group)
+    _, tp_size = group_rank_size(tp_group)
     if teacher_logits.shape[:2] != (d0, d1):
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} cover different tokens")
@@ -164,10 +177,28 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
         # TP=1: cut both to the real vocabulary; the slice gives the padding zero gradient
         student_logits = student_logits[..., :real_vocab_size]
         teacher_logits = teacher_logits[..., :real_vocab_size]
-    if real_columns(tp_rank, student_logits.shape[-1], real_vocab_size) < 1:
+    weights, labels, num_tokens = token_weights(d0, d1, loss_mask, labels, cfg, reduction,
+                                                batch_first, student_logits.device,
+                                                student_logits.shape[-1], real_vocab_size,
+                                                tp_group)
+    loss, kd, ce = _ChunkedLogitLoss.apply(student_logits, teacher_logits.detach(), weights,
+                                           labels, cfg, real_vocab_size, tp_group)
+    return LogitLoss(loss=loss, kd=kd, ce=ce if labels is not None else None,
+                     num_tokens=num_tokens)
+
+
+def token_weights(d0: int, d1: int, loss_mask: Optional[torch.Tensor],
+                  labels: Optional[torch.Tensor], cfg: DistillConfig, reduction: str,
+                  batch_first: bool, device: torch.device, local_vocab: int,
+                  real_vocab_size: Optional[int], tp_group):
+    """(per-token weights [d0*d1], labels [d0*d1] or None, num_tokens) in the token order of
+    the logits / hidden states `[d0, d1, ...]`; checks that this rank holds real columns."""
+    b, s_len = (d0, d1) if batch_first else (d1, d0)
+    tp_rank, _ = group_rank_size(tp_group)
+    if real_columns(tp_rank, local_vocab, real_vocab_size) < 1:
         raise ValueError(f"TP rank {tp_rank} holds only vocabulary padding (real_vocab_size "
                          f"{real_vocab_size}): use less padding or a smaller TP")
-    mask = torch.ones(d0, d1, device=student_logits.device) if loss_mask is None else (
+    mask = torch.ones(d0, d1, device=device) if loss_mask is None else (
         _like_logits(loss_mask, b, s_len, batch_first).float())
     num_tokens = (mask != 0).sum()
     weights = mask.reshape(-1)
@@ -177,10 +208,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
         raise ValueError("cfg.ce_weight > 0 needs labels")
     if labels is not None:
         labels = _like_logits(labels, b, s_len, batch_first).reshape(-1)
-    loss, kd, ce = _ChunkedLogitLoss.apply(student_logits, teacher_logits.detach(), weights,
-                                           labels, cfg, real_vocab_size, tp_group)
-    return LogitLoss(loss=loss, kd=kd, ce=ce if labels is not None else None,
-                     num_tokens=num_tokens)
+    return weights, labels, num_tokens
 
 
 def _like_logits(x: torch.Tensor, b: int, s_len: int, batch_first: bool) -> torch.Tensor:

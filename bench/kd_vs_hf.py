@@ -1,0 +1,198 @@
+"""Our distillation step against the naive transformers KD loop a user writes in an afternoon,
+on the same teacher (SmolLM2-135M) and the same student (the teacher pruned to half its
+non-embedding parameters by our importance + prune stages, exported to Hugging Face for the
+naive side), the same tokens per optimizer step, interleaved round by round in one process.
+
+Naive step (transformers): teacher forward under no_grad, student forward, fp32 log_softmax of
+both full-vocabulary logits, kl_div(log_target, batchmean), backward, AdamW step.
+Ours: `minitron distill`'s step (KDStep in the one training loop: megatron-core GPTModel, DDP,
+megatron optimizer with clipping, fused output-layer forward-KL loss unless fused=false).
+
+    python bench/kd_vs_hf.py [rounds=5] [mbs=4] [seq=512] [precision=fp32|bf16] [fused=true]
+
+Prints tokens/s (median and range over rounds), peak extra RSS per step (CPU: the kernel's
+high-water mark, reset before each step; GPU: peak allocated), and last the ratio ours / naive.
+The CPU model and its bf16 flags are printed first: state them with any figure.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from knobs import parse_knobs  # noqa: E402
+from stats import interleaved, ratio_summary  # noqa: E402
+
+WORK = "/tmp/minitron_bench_smollm2"
+DEFAULTS = {"rounds": 5, "mbs": 4, "seq": 512, "precision": "fp32", "fused": "true",
+            "work": WORK}
+
+
+def cpu_description() -> str:
+    from megatron_minitron.runtime.device import CPU_BF16_FLAGS, cpu_flags
+
+    name = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags() or frozenset()
+    native = [f for f in CPU_BF16_FLAGS if f in flags]
+    return f"{name}, bf16 flags: {', '.join(native) or 'none'}, threads {torch.get_num_threads()}"
+
+
+class PeakMemory:
+    """Peak extra memory of one call: CUDA's allocator counter, or the CPU process's RSS
+    high-water mark reset through /proc/self/clear_refs (Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _rss(self, field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def measure(self, fn):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        base = self._rss("VmRSS")
+        fn()
+        return self._rss("VmHWM") - base
+
+
+def ours(k, teacher_ckpt: str, student_ckpt: str):
+    """(step function, device) of minitron distill's step on our checkpoints."""
+    from megatron_minitron.checkpoint import dist as ckpt
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.distill.kd_step import KDStep
+    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.runtime.distributed import initialize
+    from megatron_minitron.training.loop import Trainer
+    from megatron_minitron.training.metrics import MetricsWriter
+    from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
+                                                      wrap_ddp)
+
+    student_model = ckpt.read_header(student_ckpt).model
+    teacher_model = ckpt.read_header(teacher_ckpt).model
+    cfg = load_config([f"data.seq_length={k['seq']}", f"train.micro_batch_size={k['mbs']}",
+                       f"train.global_batch_size={k['mbs']}", f"runtime.precision={k['precision']}",
+                       "logger.backend=none", "train.train_iters=1000",
+                       "train.optimizer.lr=3e-4", "train.optimizer.lr_warmup_iters=0",
+                       f"distill.fused_output={k['fused']}"])
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, model=student_model)
+    ctx = initialize(cfg.parallel, cfg.runtime)
+    teacher = build_model(teacher_model, cfg.parallel, cfg.runtime, ctx.device)
+    ckpt.load(teacher_ckpt, teacher)
+    teacher[0].eval().requires_grad_(False)
+    raw = build_model(student_model, cfg.parallel, cfg.runtime, ctx.device)
+    ckpt.load(student_ckpt, raw)
+    step = KDStep(cfg.distill, teacher[0], raw[0], ctx.tp_group, student_model.vocab_size,
+                  ctx.device)
+    chunks = wrap_ddp(raw)
+    opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
+    attach_schedule_hooks(chunks, opt)
+    trainer = Trainer(cfg, ctx, chunks, step, opt, sched, None,
+                      MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+    return trainer, ctx.device
+
+
+def naive(k, teacher_hf: str, student_hf: str, device: torch.device):
+    """The afternoon transformers KD loop, one optimizer step per call."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if k["precision"] == "bf16" else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_hf, torch_dtype=dtype).to(device)
+    teacher.eval().requires_grad_(False)
+    student = AutoModelForCausalLM.from_pretrained(student_hf, torch_dtype=dtype).to(device)
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-4)
+
+    def step(tokens):
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=tokens).logits
+        s_logits = student(input_ids=tokens).logits
+        v = s_logits.shape[-1]
+        logq = F.log_softmax(s_logits.float().view(-1, v), dim=-1)
+        logp = F.log_softmax(t_logits.float().view(-1, v), dim=-1)
+        loss = F.kl_div(logq, logp, log_target=True, reduction="batchmean")
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def main():
+    k = parse_knobs(sys.argv[1:], DEFAULTS)
+    from smollm2 import pruned_checkpoint, teacher_checkpoint
+
+    from megatron_minitron.checkpoint.hf import mcore_to_hf
+    from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
+
+    work = Path(k["work"])
+    teacher_ckpt = teacher_checkpoint(str(work))
+    student_ckpt = pruned_checkpoint(str(work), "activation")
+    student_hf = work / "hf_student_activation"
+    if not (student_hf / "config.json").exists():
+        mcore_to_hf(student_ckpt, str(student_hf), dtype="float32")
+    teacher_hf = str(fetch_smollm2())
+
+    trainer, device = ours(k, teacher_ckpt, student_ckpt)
+    naive_step = naive(k, teacher_hf, str(student_hf), device)
+    mbs, seq = k["mbs"], k["seq"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (mbs, seq + 1), generator=g)
+    batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(mbs, seq),
+             "position_ids": torch.arange(seq).expand(mbs, -1)}
+    it = iter(lambda: batch, None)
+    tokens_on_device = batch["tokens"].to(device)
+    peak = PeakMemory(device)
+    peaks = {"ours": [], "naive": []}
+
+    def run(name, fn):
+        def timed():
+            peaks[name].append(peak.measure(fn))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return timed
+
+    fns = {"ours": run("ours", lambda: trainer.train_step(it)),
+           "naive": run("naive", lambda: naive_step(tokens_on_device))}
+    times = interleaved(fns, k["rounds"], clock=time.perf_counter)
+    tokens = mbs * seq
+    print(f"CPU: {cpu_description()}" if device.type == "cpu" else
+          f"GPU: {torch.cuda.get_device_name()}")
+    print(f"teacher SmolLM2-135M, student {Path(student_ckpt).name} "
+          f"({trainer.cfg.model.num_layers} layers, hidden {trainer.cfg.model.hidden_size}, "
+          f"ffn {trainer.cfg.model.ffn_hidden_size}), batch {mbs}x{seq} = {tokens} tokens/step, "
+          f"{k['precision']}, fused output layer: {k['fused']}, {k['rounds']} rounds")
+    for name, ts in times.items():
+        tps = sorted(tokens / t for t in ts)
+        mem = sorted(peaks[name])[len(peaks[name]) // 2] / 2**20
+        print(f"{name:>6}: {tps[len(tps) // 2]:7.0f} tokens/s (range {tps[0]:.0f}-{tps[-1]:.0f})"
+              f", peak extra memory per step {mem:.0f} MiB")
+    print(f"tokens/s ratio ours / naive: {ratio_summary(times['naive'], times['ours'])}")
+
+
+if __name__ == "__main__":
+    main()

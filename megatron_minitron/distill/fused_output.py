@@ -1,0 +1,143 @@
+"""Logit distillation fused with both models' output layers: from final hidden states to the
+loss, chunk by chunk over tokens, so that no `[tokens, vocab]` logits tensor of either model is
+ever made, in forward or backward.
+
+For each chunk of c tokens (rows of the flattened `[s*b, h]` hidden states):
+
+    z_s = h_s[rows] @ W_s[:nr].T        # [c, h_s] x [h_s, v/tp] -> [c, v/tp], student logits
+    z_t = h_t[rows] @ W_t[:nr].T        # the teacher's, its hidden states carry no gradient
+    g   = d loss / d z_s                # losses.chunk_loss: the divergence and its gradient
+    dh_s[rows] = g @ W_s[:nr]           # [c, v/tp] x [v/tp, h_s] -> [c, h_s]
+    dW_s[:nr] += g.T @ h_s[rows]        # [v/tp, c] x [c, h_s] -> [v/tp, h_s], fp32 accumulation
+
+Under tensor parallelism each rank holds its vocabulary slice of both weights (megatron's
+ColumnParallelLinear output layer); the softmax statistics are all-reduced inside chunk_loss,
+and the hidden states pass through megatron's copy_to_tensor_model_parallel_region first (as
+the output layer's own forward does), so the student's hidden-state gradient is summed over
+the TP group in backward. Padded vocabulary rows (ids >= real_vocab_size) get no logit and zero
+weight gradient. The weight gradient is accumulated over chunks in one fp32 buffer; in backward,
+scaled by the schedule's loss scale, it is added to megatron DDP's fp32 `main_grad` when the
+weight has one (no rounding through a bf16 `.grad`), else returned in the weight's dtype.
+"""
+
+from typing import Optional
+
+import torch
+
+from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.distill.losses import LogitLoss, chunk_loss
+from megatron_minitron.distill.vocab_parallel import group_rank_size, real_columns, vocab_range
+
+FUSED_CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
+"""Size of one fp32 `[tokens, vocab/tp]` chunk of logits. Larger than the unfused loss's chunk:
+each chunk streams both output weights through two GEMMs, so too few rows make the GEMMs
+memory-bound (on CPU, 16 MiB is 85 rows at vocabulary 49,152)."""
+
+
+def fused_chunk_rows(vocab_columns: int, device: torch.device) -> int:
+    budget = FUSED_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(16, budget // (4 * max(vocab_columns, 1)))
+
+
+class _FusedLinearLogitLoss(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk; backward only scales."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, weights, labels, cfg: DistillConfig,
+                real_vocab_size: Optional[int], group):
+        tp_rank, _ = group_rank_size(group)
+        v = w_s.shape[0]
+        nr = real_columns(tp_rank, v, real_vocab_size)
+        vocab_start, _ = vocab_range(tp_rank, v)
+        ws, wt = w_s[:nr], w_t[:nr]
+        # [s, b, h] -> [s*b, h], in the weights' dtype (bf16 models hand over fp32 hidden
+        # states: megatron's Float16Module upcasts the last stage's output)
+        hs = h_s.reshape(-1, h_s.shape[-1]).to(ws.dtype)
+        ht = h_t.reshape(-1, h_t.shape[-1]).to(wt.dtype)
+        grad_h = torch.empty_like(hs)
+        # fp32 accumulation over chunks; for an fp32 weight without megatron's main_grad this
+        # buffer is itself the gradient returned (no second weight-sized tensor)
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
+        sums = torch.zeros(2, dtype=torch.float32, device=hs.device)  # kd, ce
+        step = cfg.token_chunk_size or fused_chunk_rows(nr, hs.device)
+        for start in range(0, hs.shape[0], step):
+            rows = slice(start, start + step)
+            x = hs[rows]
+            z_s = x @ ws.t()  # [c, h_s] x [h_s, v/tp] -> [c, v/tp]
+            z_t = ht[rows] @ wt.t()
+            lab = None if labels is None else labels[rows]
+            g = chunk_loss(cfg, z_s, z_t, weights[rows], lab, vocab_start, group, sums,
+                           owned=True)
+            del z_s, z_t
+            g = g.to(ws.dtype)
+            torch.mm(g, ws, out=grad_h[rows])  # [c, v/tp] x [v/tp, h_s] -> [c, h_s]
+            if ws.dtype == torch.float32:
+                grad_w[:nr].addmm_(g.t(), x)  # [v/tp, c] x [c, h_s]
+            else:  # bf16 GEMM, fp32 accumulation over chunks
+                grad_w[:nr] += g.t() @ x
+            del g
+        ctx.grads = (grad_h.view(h_s.shape), grad_w, w_s)
+        ctx.hidden_dtype = h_s.dtype
+        kd_sum, ce_sum = sums[0], sums[1]
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        if ctx.grads is None:
+            raise RuntimeError("the fused logit loss supports one backward pass only")
+        grad_h, grad_w, w_s = ctx.grads
+        ctx.grads = None
+        main_grad = getattr(w_s, "main_grad", None)
+        if main_grad is not None and main_grad.shape == grad_w.shape:
+            # megatron DDP's fp32 buffer: add in fp32 (no rounding to a bf16 weight's dtype,
+            # no param.grad tensor); the tied embedding's own gradient still reaches param.grad
+            # and DDP's hook adds it, since we leave grad_added_to_main_grad alone
+            main_grad.add_(grad_w, alpha=float(grad_loss))
+            dw = None
+        else:
+            dw = grad_w.mul_(grad_loss.float()).to(w_s.dtype)
+        grad_h = grad_h.to(ctx.hidden_dtype).mul_(grad_loss.to(ctx.hidden_dtype))
+        return (grad_h, dw, None, None, None, None, None,
+                None, None)
+
+
+def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                  teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                                  cfg: DistillConfig, loss_mask: Optional[torch.Tensor] = None,
+                                  labels: Optional[torch.Tensor] = None,
+                                  real_vocab_size: Optional[int] = None, tp_group=None,
+                                  reduction: str = "sum", batch_first: bool = False
+                                  ) -> LogitLoss:
+    """losses.logit_distillation_loss from final hidden states and output weights instead of
+    logits; the same arguments otherwise, and the same result.
+
+    student_hidden / teacher_hidden: `[s, b, h]` (or `[b, s, h]` with batch_first), after the
+    final norm, already through the TP input region (tensor_parallel.copy_to_tensor_model_
+    parallel_region under TP). student_weight / teacher_weight: the output layers' vocabulary
+    shards `[v/tp, h]` (the embedding weights when tied); the student's gets a gradient."""
+    from megatron_minitron.distill.losses import REDUCTIONS, token_weights
+
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r}: use one of {REDUCTIONS}")
+    d0, d1 = student_hidden.shape[:2]
+    if teacher_hidden.shape[:2] != (d0, d1):
+        raise ValueError(f"teacher hidden states {tuple(teacher_hidden.shape)} and student's "
+                         f"{tuple(student_hidden.shape)} cover different tokens")
+    v = student_weight.shape[0]
+    if teacher_weight.shape[0] != v:
+        tp_rank, tp_size = group_rank_size(tp_group)
+        if tp_size > 1 or real_vocab_size is None or real_vocab_size > min(
+                v, teacher_weight.shape[0]):
+            raise ValueError(
+                f"teacher output shard {teacher_weight.shape[0]} rows != student's {v}: give "
+                "teacher and student the same padded vocabulary (make_vocab_size_divisible_by)"
+                ", or at TP=1 pass real_vocab_size so both are cut to the real vocabulary")
+    weights, labels, num_tokens = token_weights(d0, d1, loss_mask, labels, cfg, reduction,
+                                                batch_first, student_hidden.device, v,
+                                                real_vocab_size, tp_group)
+    loss, kd, ce = _FusedLinearLogitLoss.apply(
+        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+        weights, labels, cfg, real_vocab_size, tp_group)
+    return LogitLoss(loss=loss, kd=kd, ce=ce if labels is not None else None,
+                     num_tokens=num_tokens)

@@ -1,0 +1,64 @@
+"""The GPT output layer seen from outside: its weight, and a mode in which GPTModel.forward
+returns the final hidden states instead of logits (for losses fused with the output GEMM,
+distill/fused_output.py), with exactly what megatron's ColumnParallelLinear does to its input
+first, so gradients flow as they would through the layer."""
+
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+import torch
+
+
+def output_weight(gpt) -> torch.Tensor:
+    """The output layer's vocabulary shard `[v/tp, h]`: the word embeddings when tied."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. GPTModel transposes the output
+    layer's result ([s, b] -> [b, s]), so the gradient reaching the layer is a strided view,
+    and megatron's _CopyToModelParallelRegion all-reduces `grad.contiguous()` in place: a
+    copy, whose reduced values would be dropped (its own GEMM always hands it a fresh one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _layer_input(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """What ColumnParallelLinear's GEMM reads: under sequence parallelism the sequence shards
+    all-gathered (reduce-scattered in backward); under TP the identity whose backward
+    all-reduces the input gradient over the TP group."""
+    from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                        gather_from_sequence_parallel_region)
+
+    if layer.sequence_parallel:
+        return gather_from_sequence_parallel_region(hidden, group=layer.tp_group)
+    if layer.tp_group is not None and layer.tp_group.size() > 1:
+        return _ContiguousGrad.apply(
+            copy_to_tensor_model_parallel_region(hidden, group=layer.tp_group))
+    return hidden
+
+
+@contextmanager
+def hidden_states_out(*gpts) -> Iterator[None]:
+    """Within the block, each GPTModel's forward (labels=None) returns its final hidden
+    states `[b, s, h]` (after the final norm, through the layer's input region) in place of
+    logits `[b, s, v/tp]`: the output GEMM is skipped, its weight stays where it is."""
+    def passthrough(layer):
+        def forward(input_, weight=None, runtime_gather_output=None):
+            return _layer_input(layer, input_), None
+        return forward
+
+    with ExitStack() as stack:
+        for gpt in gpts:
+            layer = gpt.output_layer
+            layer.forward = passthrough(layer)  # an instance attribute shadows the method
+            stack.callback(lambda lyr=layer: lyr.__dict__.pop("forward", None))
+        yield

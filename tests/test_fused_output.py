@@ -1,0 +1,169 @@
+"""The fused output-layer logit loss (distill/fused_output.py) against fp64 references built
+from full logits: loss values and the gradients of the student's hidden states and output
+weight, at TP=1 and TP=2, for every divergence, with temperature, CE, masks and padding."""
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.distill.fused_output import fused_logit_distillation_loss
+from megatron_minitron.distill.losses import logit_distillation_loss
+from test_distill_losses import reference
+
+S, B, HS, HT, V = 7, 3, 12, 16, 40
+KINDS = ["forward_kl", "reverse_kl", "jsd", "topk_kl"]
+
+
+def make_inputs(seed=0, v=V, v_teacher=None):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(S, B, HS, generator=g, dtype=torch.float64)
+    ws = torch.randn(v, HS, generator=g, dtype=torch.float64) * 0.5
+    ht = torch.randn(S, B, HT, generator=g, dtype=torch.float64)
+    wt = torch.randn(v_teacher or v, HT, generator=g, dtype=torch.float64) * 0.5
+    mask = (torch.rand(B, S, generator=g) > 0.3).float()
+    labels = torch.randint(0, v, (B, S), generator=g)
+    return hs, ws, ht, wt, mask, labels
+
+
+def reference_grads(hs, ws, ht, wt, cfg, mask, labels, real=None):
+    """fp64 loss and (d hidden, d weight) through full logits and the plain-torch reference."""
+    hs, ws = hs.double().clone().requires_grad_(), ws.double().clone().requires_grad_()
+    student = hs @ ws.t()  # [s, b, h] x [h, v] -> [s, b, v]
+    teacher = ht.double() @ wt.double().t()
+    if real is not None:
+        student, teacher = student[..., :real], teacher[..., :real]
+    loss = reference(student, teacher, cfg, mask=mask, labels=labels, reduction="mean")
+    loss.backward()
+    return loss.detach(), hs.grad, ws.grad
+
+
+def fused(hs, ws, ht, wt, cfg, mask, labels, real=None, dtype=torch.float32, group=None):
+    hs = hs.to(dtype).clone().requires_grad_()
+    ws = ws.to(dtype).clone().requires_grad_()
+    out = fused_logit_distillation_loss(hs, ws, ht.to(dtype), wt.to(dtype), cfg, loss_mask=mask,
+                                        labels=labels, real_vocab_size=real, tp_group=group,
+                                        reduction="mean")
+    out.loss.backward()
+    return out, hs.grad, ws.grad
+
+
+def close(a, b, tol):
+    torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature,ce", [(1.0, 0.0), (1.7, 0.3)])
+def test_fused_matches_fp64_reference(kind, temperature, ce):
+    hs, ws, ht, wt, mask, labels = make_inputs()
+    cfg = DistillConfig(logit_loss=kind, temperature=temperature, ce_weight=ce, top_k=5,
+                        token_chunk_size=4, scale_by_temperature_squared=temperature != 1.0)
+    ref_loss, ref_dh, ref_dw = reference_grads(hs, ws, ht, wt, cfg, mask, labels)
+    out, dh, dw = fused(hs, ws, ht, wt, cfg, mask, labels)
+    close(out.loss, ref_loss, 1e-5)
+    close(dh, ref_dh, 1e-5)
+    close(dw, ref_dw, 1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_equals_unfused_with_padding_and_other_teacher_padding(kind):
+    """Real vocabulary 33 of 40 student rows and 48 teacher rows (TP=1 cuts both)."""
+    hs, ws, ht, wt, mask, labels = make_inputs(seed=3, v_teacher=48)
+    labels = labels.clamp(max=32)
+    cfg = DistillConfig(logit_loss=kind, top_k=5, ce_weight=0.2)
+    out, dh, dw = fused(hs, ws, ht, wt, cfg, mask, labels, real=33)
+    hs2 = hs.float().clone().requires_grad_()
+    ws2 = ws.float().clone().requires_grad_()
+    unfused = logit_distillation_loss(hs2 @ ws2.t(), ht.float() @ wt.float().t(), cfg,
+                                      loss_mask=mask, labels=labels, real_vocab_size=33,
+                                      reduction="mean")
+    unfused.loss.backward()
+    close(out.loss, unfused.loss, 1e-5)
+    close(out.ce, unfused.ce, 1e-5)
+    close(dh, hs2.grad, 1e-5)
+    close(dw, ws2.grad, 1e-5)
+    assert torch.count_nonzero(dw[33:]) == 0  # padding rows get no gradient
+
+
+def test_bf16_weights_get_a_bf16_gradient_accumulated_in_fp32():
+    hs, ws, ht, wt, mask, labels = make_inputs(seed=5)
+    cfg = DistillConfig(token_chunk_size=2)
+    ref_loss, ref_dh, ref_dw = reference_grads(hs, ws, ht, wt, cfg, mask, labels)
+    out, dh, dw = fused(hs, ws, ht, wt, cfg, mask, labels, dtype=torch.bfloat16)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    close(out.loss, ref_loss, 3e-2)
+    close(dw, ref_dw, 3e-2)
+
+
+def test_weight_gradient_goes_to_megatron_main_grad_when_present():
+    """megatron DDP gives params an fp32 main_grad: the fused loss adds into it, scaled by the
+    schedule's loss scale, and leaves .grad alone."""
+    hs, ws, ht, wt, mask, labels = make_inputs(seed=6)
+    cfg = DistillConfig()
+    _, _, ref_dw = reference_grads(hs, ws, ht, wt, cfg, mask, labels)
+    h = hs.float().clone().requires_grad_()
+    w = ws.float().clone().requires_grad_()
+    w.main_grad = torch.ones_like(w)  # an earlier contribution stays
+    out = fused_logit_distillation_loss(h, w, ht.float(), wt.float(), cfg, loss_mask=mask,
+                                        labels=labels, reduction="mean")
+    (out.loss * 0.25).backward()
+    assert w.grad is None
+    close(w.main_grad, 1 + 0.25 * ref_dw, 1e-5)
+
+
+def test_second_backward_is_refused():
+    hs, ws, ht, wt, mask, labels = make_inputs()
+    h = hs.float().requires_grad_()
+    out = fused_logit_distillation_loss(h, ws.float(), ht.float(), wt.float(), DistillConfig())
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        out.loss.backward()
+
+
+TP2_CASES = [{"kind": k, "real": r, "temp": 1.7, "ce": 0.3} for k in KINDS for r in (None, 33)] \
+    + [{"kind": "forward_kl", "real": r, "temp": 1.0, "ce": 0.0} for r in (None, 33)]
+
+
+def _tp2_worker(cases):
+    import torch.distributed as dist
+
+    from megatron_minitron.runtime.distributed import init_process_group
+
+    init_process_group(torch.device("cpu"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for case in cases:
+        hs, ws, ht, wt, mask, labels = make_inputs(seed=11)
+        cfg = DistillConfig(logit_loss=case["kind"], top_k=6, temperature=case["temp"],
+                            ce_weight=case["ce"], token_chunk_size=4,
+                            scale_by_temperature_squared=True)
+        shard = slice(rank * V // world, (rank + 1) * V // world)  # [v, h] -> [v/tp, h]
+        out, dh, dw = fused(hs, ws[shard], ht, wt[shard], cfg, mask, labels.clamp(max=32),
+                            real=case["real"], group=dist.group.WORLD)
+        # megatron's copy_to_tensor_model_parallel_region sums the hidden gradient over TP
+        dist.all_reduce(dh, group=dist.group.WORLD)
+        results.append((out.loss.detach(), dh, dw))
+    return results
+
+
+@pytest.fixture(scope="module")
+def tp2_results():
+    return run_distributed(_tp2_worker, 2, TP2_CASES)
+
+
+@pytest.mark.parametrize("i", range(len(TP2_CASES)),
+                         ids=[f"{c['kind']}-pad{c['real'] is not None}-t{c['temp']}"
+                              for c in TP2_CASES])
+def test_tp2_matches_fp64_reference(tp2_results, i):
+    case = TP2_CASES[i]
+    hs, ws, ht, wt, mask, labels = make_inputs(seed=11)
+    cfg = DistillConfig(logit_loss=case["kind"], top_k=6, temperature=case["temp"],
+                        ce_weight=case["ce"], scale_by_temperature_squared=True)
+    ref_loss, ref_dh, ref_dw = reference_grads(hs, ws, ht, wt, cfg, mask, labels.clamp(max=32),
+                                               real=case["real"])
+    (loss0, dh0, dw0), (loss1, dh1, dw1) = tp2_results[0][i], tp2_results[1][i]
+    close(loss0, ref_loss, 1e-5)
+    close(loss1, ref_loss, 1e-5)
+    close(dh0, ref_dh, 1e-5)
+    close(dh1, ref_dh, 1e-5)
+    close(torch.cat([dw0, dw1]), ref_dw, 1e-5)
