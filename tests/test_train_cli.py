@@ -59,6 +59,7 @@ def test_checkpoint_with_another_architecture_is_refused(tmp_path):
     assert p.wait(timeout=120) == 0, p.stderr.read()
     resolved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["resolved"]
     assert resolved["precision"] in ("fp32", "bf16") and "auto:" in resolved["precision_reason"]
+    assert resolved["attention_impl"] == "sdpa" and resolved["transformer_impl"] == "local"
     p = minitron("train", *FAST, "train.train_iters=2", f"run.dir={tmp_path / 'b'}",
                  f"checkpoint.load={tmp_path / 'a' / 'checkpoints'}", "model.hidden_size=128")
     assert p.wait(timeout=120) == 2

@@ -7,6 +7,7 @@ from megatron_minitron.config.errors import ConfigError
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION_IMPLS = ("auto", "sdpa", "megatron")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -67,6 +68,11 @@ class RuntimeConfig:
     transformer_impl: str = "auto"
     """Layer spec: "local" (pure PyTorch), "transformer_engine", or "auto" (TE when CUDA and TE
     are both present)."""
+    attention_impl: str = "auto"
+    """Core attention of the local layer spec: "sdpa" (torch's scaled_dot_product_attention:
+    flash kernels on CPU and GPU, GQA without repeating key/value heads; models/attention.py),
+    "megatron" (megatron-core's DotProductAttention: scores, mask and softmax as separate
+    passes), or "auto" (sdpa). Transformer-Engine layers use TE's attention either way."""
     precision: str = "auto"
     """"fp32", "bf16" (megatron-core mixed precision: bf16 weights and activations, fp32 main
     weights and grads in the optimizer), or "auto": bf16 where the hardware computes it natively
@@ -84,6 +90,9 @@ class RuntimeConfig:
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError("runtime.transformer_impl", f"unknown {self.transformer_impl!r}",
                               f"use one of {TRANSFORMER_IMPLS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError("runtime.attention_impl", f"unknown {self.attention_impl!r}",
+                              f"use one of {ATTENTION_IMPLS}")
         if self.precision not in PRECISIONS:
             raise ConfigError("runtime.precision", f"unknown {self.precision!r}",
                               f"use one of {PRECISIONS}")

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
-from megatron_minitron.runtime.device import resolve_precision, resolve_transformer_impl
+from megatron_minitron.runtime.device import (resolve_attention_impl, resolve_precision,
+                                              resolve_transformer_impl)
 
 
 def _squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,12 @@ def layer_spec(model: ModelConfig, runtime: RuntimeConfig):
 
     if resolve_transformer_impl(runtime) == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization=model.normalization)
+    spec = specs.get_gpt_layer_local_spec(normalization=model.normalization)
+    if resolve_attention_impl(runtime) == "sdpa":
+        from megatron_minitron.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,

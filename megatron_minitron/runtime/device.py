@@ -128,3 +128,9 @@ def resolve_transformer_impl(cfg: RuntimeConfig) -> str:
                               "set runtime.transformer_impl=local (or auto)")
         return "transformer_engine"
     return "transformer_engine" if status == "ok" else "local"
+
+
+def resolve_attention_impl(cfg: RuntimeConfig) -> str:
+    """'sdpa' or 'megatron': the core attention of the local layer spec ("auto" is sdpa;
+    Transformer-Engine layers bring their own fused attention and ignore this)."""
+    return "sdpa" if cfg.attention_impl == "auto" else cfg.attention_impl

@@ -9,7 +9,8 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import to_yaml
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.models.builder import build_model
-from megatron_minitron.runtime.device import choose_precision
+from megatron_minitron.runtime.device import (choose_precision, resolve_attention_impl,
+                                              resolve_transformer_impl)
 from megatron_minitron.runtime.distributed import ParallelContext, initialize, teardown
 from megatron_minitron.training.data_source import build_source, resolve_tokenizer
 from megatron_minitron.training.lm_step import LMStep
@@ -25,7 +26,9 @@ def write_resolved_config(cfg: MinitronConfig, rank: int) -> None:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         choice = choose_precision(cfg.runtime)
         resolved = to_yaml({"resolved": {"precision": choice.precision,
-                                         "precision_reason": choice.reason}})
+                                         "precision_reason": choice.reason,
+                                         "transformer_impl": resolve_transformer_impl(cfg.runtime),
+                                         "attention_impl": resolve_attention_impl(cfg.runtime)}})
         (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg) + resolved)
 
 
