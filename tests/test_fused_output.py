@@ -111,6 +111,42 @@ def test_weight_gradient_goes_to_megatron_main_grad_when_present():
     close(w.main_grad, 1 + 0.25 * ref_dw, 1e-5)
 
 
+def test_with_the_loss_scale_known_the_weight_gradient_goes_to_main_grad_in_forward():
+    """The training step passes the scale megatron's schedule applies: main_grad is written
+    chunk by chunk during forward (no weight-sized temporary); a wrong scale is refused."""
+    hs, ws, ht, wt, mask, labels = make_inputs(seed=7)
+    cfg = DistillConfig(token_chunk_size=5)
+    _, ref_dh, ref_dw = reference_grads(hs, ws, ht, wt, cfg, mask, labels)
+    h = hs.float().clone().requires_grad_()
+    w = ws.float().clone().requires_grad_()
+    w.main_grad = torch.ones_like(w)
+    out = fused_logit_distillation_loss(h, w, ht.float(), wt.float(), cfg, loss_mask=mask,
+                                        labels=labels, reduction="mean", grad_scale=0.25)
+    close(w.main_grad, 1 + 0.25 * ref_dw, 1e-5)  # already there before backward
+    (out.loss * 0.25).backward()
+    assert w.grad is None
+    close(w.main_grad, 1 + 0.25 * ref_dw, 1e-5)
+    close(h.grad, 0.25 * ref_dh, 1e-5)
+    out = fused_logit_distillation_loss(h, w, ht.float(), wt.float(), cfg, loss_mask=mask,
+                                        labels=labels, reduction="mean", grad_scale=0.25)
+    with pytest.raises(RuntimeError, match="loss scale"):
+        (out.loss * 0.5).backward()
+
+
+def test_no_gradient_work_under_no_grad():
+    hs, ws, ht, wt, mask, labels = make_inputs(seed=8)
+    cfg = DistillConfig()
+    ref_loss, _, _ = reference_grads(hs, ws, ht, wt, cfg, mask, labels)
+    w = ws.float().clone().requires_grad_()
+    w.main_grad = torch.zeros_like(w)
+    with torch.no_grad():
+        out = fused_logit_distillation_loss(hs.float(), w, ht.float(), wt.float(), cfg,
+                                            loss_mask=mask, labels=labels, reduction="mean",
+                                            grad_scale=1.0)
+    close(out.loss, ref_loss, 1e-5)
+    assert torch.count_nonzero(w.main_grad) == 0
+
+
 def test_second_backward_is_refused():
     hs, ws, ht, wt, mask, labels = make_inputs()
     h = hs.float().requires_grad_()

@@ -15,11 +15,14 @@ ColumnParallelLinear output layer); the softmax statistics are all-reduced insid
 and the hidden states pass through megatron's copy_to_tensor_model_parallel_region first (as
 the output layer's own forward does), so the student's hidden-state gradient is summed over
 the TP group in backward. Padded vocabulary rows (ids >= real_vocab_size) get no logit and zero
-weight gradient. The weight gradient is accumulated over chunks in one fp32 buffer; in backward,
-scaled by the schedule's loss scale, it is added to megatron DDP's fp32 `main_grad` when the
-weight has one (no rounding through a bf16 `.grad`), else returned in the weight's dtype.
+weight gradient. The weight gradient is accumulated over chunks in fp32: when the weight has
+megatron DDP's fp32 `main_grad` and the caller says which loss scale backward will apply (the
+training step does), straight into main_grad during forward, as megatron's
+gradient_accumulation_fusion does on GPU, so no weight-sized temporary exists; otherwise into
+one private buffer, added to main_grad or returned in the weight's dtype in backward.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -44,7 +47,8 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, weights, labels, cfg: DistillConfig,
-                real_vocab_size: Optional[int], group):
+                real_vocab_size: Optional[int], group, needs_grad: bool,
+                grad_scale: Optional[float]):
         tp_rank, _ = group_rank_size(group)
         v = w_s.shape[0]
         nr = real_columns(tp_rank, v, real_vocab_size)
@@ -54,10 +58,16 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
         # states: megatron's Float16Module upcasts the last stage's output)
         hs = h_s.reshape(-1, h_s.shape[-1]).to(ws.dtype)
         ht = h_t.reshape(-1, h_t.shape[-1]).to(wt.dtype)
-        grad_h = torch.empty_like(hs)
-        # fp32 accumulation over chunks; for an fp32 weight without megatron's main_grad this
-        # buffer is itself the gradient returned (no second weight-sized tensor)
-        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
+        grad_h = grad_w = None
+        direct = needs_grad and _main_grad(w_s) is not None and grad_scale is not None
+        if needs_grad:
+            grad_h = torch.empty_like(hs)
+            # fp32 accumulation over chunks: straight into megatron's main_grad when the
+            # caller knows the loss scale its backward will apply (no weight-sized temporary),
+            # else a private buffer (for an fp32 weight, itself the gradient returned)
+            grad_w = _main_grad(w_s) if direct else torch.zeros(
+                w_s.shape, dtype=torch.float32, device=w_s.device)
+        alpha = grad_scale if direct else 1.0
         sums = torch.zeros(2, dtype=torch.float32, device=hs.device)  # kd, ce
         step = cfg.token_chunk_size or fused_chunk_rows(nr, hs.device)
         for start in range(0, hs.shape[0], step):
@@ -67,17 +77,19 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
             z_t = ht[rows] @ wt.t()
             lab = None if labels is None else labels[rows]
             g = chunk_loss(cfg, z_s, z_t, weights[rows], lab, vocab_start, group, sums,
-                           owned=True)
+                           owned=True)  # fp32 [c, v/tp]
             del z_s, z_t
-            g = g.to(ws.dtype)
-            torch.mm(g, ws, out=grad_h[rows])  # [c, v/tp] x [v/tp, h_s] -> [c, h_s]
+            if not needs_grad:
+                continue
             if ws.dtype == torch.float32:
-                grad_w[:nr].addmm_(g.t(), x)  # [v/tp, c] x [c, h_s]
-            else:  # bf16 GEMM, fp32 accumulation over chunks
-                grad_w[:nr] += g.t() @ x
+                torch.mm(g, ws, out=grad_h[rows])  # [c, v/tp] x [v/tp, h_s] -> [c, h_s]
+                grad_w[:nr].addmm_(g.t(), x, alpha=alpha)  # [v/tp, c] x [c, h_s]
+            else:  # bf16: dgrad GEMM in bf16; wgrad in fp32 (CPU has no bf16 -> fp32 GEMM)
+                torch.mm(g.to(ws.dtype), ws, out=grad_h[rows])
+                grad_w[:nr].addmm_(g.t(), x.float(), alpha=alpha)
             del g
-        ctx.grads = (grad_h.view(h_s.shape), grad_w, w_s)
-        ctx.hidden_dtype = h_s.dtype
+        ctx.grads = (grad_h.view(h_s.shape), grad_w, w_s) if needs_grad else None
+        ctx.direct, ctx.grad_scale, ctx.hidden_dtype = direct, grad_scale, h_s.dtype
         kd_sum, ce_sum = sums[0], sums[1]
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum, kd_sum, ce_sum
@@ -88,18 +100,32 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
             raise RuntimeError("the fused logit loss supports one backward pass only")
         grad_h, grad_w, w_s = ctx.grads
         ctx.grads = None
-        main_grad = getattr(w_s, "main_grad", None)
-        if main_grad is not None and main_grad.shape == grad_w.shape:
+        scale = float(grad_loss)
+        main_grad = _main_grad(w_s)
+        if ctx.direct:
+            if not math.isclose(scale, ctx.grad_scale, rel_tol=1e-5):
+                raise RuntimeError(
+                    f"the fused logit loss wrote its weight gradient into main_grad for a loss "
+                    f"scale of {ctx.grad_scale}, but backward applied {scale}: pass the scale "
+                    "the schedule applies, or grad_scale=None")
+            dw = None
+        elif main_grad is not None:
             # megatron DDP's fp32 buffer: add in fp32 (no rounding to a bf16 weight's dtype,
             # no param.grad tensor); the tied embedding's own gradient still reaches param.grad
             # and DDP's hook adds it, since we leave grad_added_to_main_grad alone
-            main_grad.add_(grad_w, alpha=float(grad_loss))
+            main_grad.add_(grad_w, alpha=scale)
             dw = None
         else:
-            dw = grad_w.mul_(grad_loss.float()).to(w_s.dtype)
+            dw = grad_w.mul_(scale).to(w_s.dtype)
         grad_h = grad_h.to(ctx.hidden_dtype).mul_(grad_loss.to(ctx.hidden_dtype))
-        return (grad_h, dw, None, None, None, None, None,
-                None, None)
+        return grad_h, dw, None, None, None, None, None, None, None, None, None
+
+
+def _main_grad(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """megatron DDP's fp32 gradient buffer of `weight`, when it has one."""
+    g = getattr(weight, "main_grad", None)
+    return g if g is not None and g.dtype == torch.float32 and g.shape == weight.shape \
+        else None
 
 
 def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -107,15 +133,20 @@ def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: 
                                   cfg: DistillConfig, loss_mask: Optional[torch.Tensor] = None,
                                   labels: Optional[torch.Tensor] = None,
                                   real_vocab_size: Optional[int] = None, tp_group=None,
-                                  reduction: str = "sum", batch_first: bool = False
-                                  ) -> LogitLoss:
+                                  reduction: str = "sum", batch_first: bool = False,
+                                  grad_scale: Optional[float] = None) -> LogitLoss:
     """losses.logit_distillation_loss from final hidden states and output weights instead of
     logits; the same arguments otherwise, and the same result.
 
     student_hidden / teacher_hidden: `[s, b, h]` (or `[b, s, h]` with batch_first), after the
     final norm, already through the TP input region (tensor_parallel.copy_to_tensor_model_
     parallel_region under TP). student_weight / teacher_weight: the output layers' vocabulary
-    shards `[v/tp, h]` (the embedding weights when tied); the student's gets a gradient."""
+    shards `[v/tp, h]` (the embedding weights when tied); the student's gets a gradient.
+    grad_scale: the factor the caller's backward will apply to the loss (megatron's schedule:
+    1 / (num_tokens * num_microbatches)); with it, a weight that has megatron's fp32 main_grad
+    gets its gradient added there during forward, chunk by chunk, so no weight-sized temporary
+    exists; backward checks that the scale was right. Without it the gradient is accumulated
+    in a private fp32 buffer. Under no_grad no gradient is computed at all."""
     from megatron_minitron.distill.losses import REDUCTIONS, token_weights
 
     if reduction not in REDUCTIONS:
@@ -136,8 +167,10 @@ def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: 
     weights, labels, num_tokens = token_weights(d0, d1, loss_mask, labels, cfg, reduction,
                                                 batch_first, student_hidden.device, v,
                                                 real_vocab_size, tp_group)
+    needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or
+                                              student_weight.requires_grad)
     loss, kd, ce = _FusedLinearLogitLoss.apply(
         student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-        weights, labels, cfg, real_vocab_size, tp_group)
+        weights, labels, cfg, real_vocab_size, tp_group, needs_grad, grad_scale)
     return LogitLoss(loss=loss, kd=kd, ce=ce if labels is not None else None,
                      num_tokens=num_tokens)

@@ -34,9 +34,12 @@ class KDStep:
 
     def __init__(self, cfg: DistillConfig, teacher: torch.nn.Module, student: torch.nn.Module,
                  tp_group, real_vocab_size: int, device: torch.device,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, num_microbatches: Optional[int] = None):
         self.cfg, self.teacher, self.tp_group = cfg, teacher, tp_group
         self.real_vocab_size, self.device = real_vocab_size, device
+        self.num_microbatches = num_microbatches
+        """Given, the fused loss writes the output weight's gradient into megatron's main_grad
+        during forward, at the scale megatron's schedule applies in backward."""
         s_gpt, t_gpt = unwrap(student), unwrap(teacher)
         self.first, self.last = s_gpt.pre_process, s_gpt.post_process
         self.fused = cfg.fuses_output_layer and self.last
@@ -86,6 +89,15 @@ class KDStep:
         """Fused: the model returns final hidden states `[b, s, h]`, not logits."""
         return hidden_states_out(gpt) if self.fused else nullcontext()
 
+    def _grad_scale(self, batch) -> Optional[float]:
+        """What megatron's schedule multiplies our summed loss by before backward: 1 / (this
+        micro-batch's loss tokens x micro-batches) (calculate_per_token_loss off; the
+        optimizer's loss scale is 1 in fp32 and bf16)."""
+        if self.num_microbatches is None:
+            return None
+        tokens = max(int((batch["loss_mask"] != 0).sum()), 1)
+        return 1.0 / (tokens * self.num_microbatches)
+
     def _loss(self, batch: Dict[str, torch.Tensor], teacher_out,
               terms: Mapping[str, torch.Tensor], s_gpt, t_gpt, student_out):
         common = dict(loss_mask=batch["loss_mask"], labels=batch["labels"],
@@ -93,7 +105,8 @@ class KDStep:
                       reduction="sum", batch_first=True)
         if self.fused:  # student_out, teacher_out: final hidden states [b, s, h]
             out = fused_logit_distillation_loss(student_out, output_weight(s_gpt), teacher_out,
-                                                output_weight(t_gpt), self.cfg, **common)
+                                                output_weight(t_gpt), self.cfg,
+                                                grad_scale=self._grad_scale(batch), **common)
         else:  # logits [b, s, v/tp]
             out = logit_distillation_loss(student_out, teacher_out, self.cfg, **common)
         parts = combine(out, terms, self.cfg)

@@ -87,7 +87,8 @@ def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
     for t in teacher:
         t.eval().requires_grad_(False)
     return lambda chunks: KDStep(d, teacher[0], chunks[0], ctx.tp_group, cfg.model.vocab_size,
-                                 ctx.device, seed=cfg.runtime.seed)
+                                 ctx.device, seed=cfg.runtime.seed,
+                                 num_microbatches=cfg.train.num_microbatches(ctx.dp_size))
 
 
 def check_vocabularies(teacher: ckpt.CheckpointHeader, cfg: MinitronConfig) -> None:
