@@ -9,19 +9,29 @@ same with half the layers (a depth-pruned student).
 
     python bench/kd_step.py --part a [--rounds 10] [--precision fp32|bf16] [--hidden]
 
-(b) Peak memory of the logit loss, forward + backward, at a large vocabulary: the chunked
-vocab-parallel loss (megatron_minitron.distill.losses) against a naive full-vocabulary fp32
-version (log_softmax of both logits, KL, backward). Target: chunked <= 1/4 of naive.
+(b) Peak memory from the final hidden states onward: both output layers (student and teacher,
+vocabulary x hidden) and the logit loss, forward + backward, at a large vocabulary. Three ways:
+  naive    full logits of both models, fp32 log_softmax of each, kl_div, backward (what a
+           transformers KD loop does);
+  chunked  our unfused path: each output layer makes its full logits, the loss is chunked
+           (distill.fused_output=false);
+  fused    distill/fused_output.py: logits, loss and gradients chunk by chunk from the hidden
+           states, no [tokens, vocab] tensor (distill.fused_output=true, the default).
+The student's output weight has megatron DDP's fp32 main_grad buffer in every variant (it
+exists before the step in training); the fused path accumulates into it as the training step
+does, the others produce the weight's .grad as autograd does. Target: fused <= 0.05 x naive at
+vocabulary 128,256, hidden 4,096, 8,192 tokens.
 
-    python bench/kd_step.py --part b          # vocab 49152 and 128256, 8192 tokens
-    python bench/kd_step.py --part b --quick  # fewer tokens, well under a minute
+    python bench/kd_step.py --part b                 # vocab 128256, hidden 4096, 8192 tokens
+    python bench/kd_step.py --part b --quick         # 2048 tokens
+    python bench/kd_step.py --part b --vocab 49152 --hidden-size 576   # SmolLM2's head
 
-Peak memory is the increase over the inputs (teacher and student logits, already allocated):
-on CUDA torch.cuda.max_memory_allocated; on CPU each measurement runs in a fresh subprocess that
+Peak memory is the increase over the inputs (hidden states, weights, main_grad): on CUDA
+torch.cuda.max_memory_allocated; on CPU each measurement runs in a fresh subprocess that
 resets the kernel's peak-RSS counter (/proc/self/clear_refs, else ru_maxrss) once the inputs
-exist and reads VmHWM after backward. Both variants write the student logits' gradient, which
-is counted in both. A naive run that would not fit in this machine's free memory is skipped and
-the vocabulary is measured again at the largest token count that fits.
+exist and reads VmHWM after backward. A variant that would not fit in this machine's free
+memory is skipped at that size, and all three are measured again at the largest token count
+where every one fits, so each printed ratio compares measurements at the same size.
 """
 
 import argparse
@@ -40,21 +50,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stats import interleaved, ratio_summary  # noqa: E402
 
 GIB = 1024 ** 3
-NAIVE_FP32_COPIES = 5  # measured peak of the naive version, in tokens x vocab fp32 tensors
 
 
-def naive_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    logq = F.log_softmax(student.float() / temperature, dim=-1)
-    logp = F.log_softmax(teacher.float() / temperature, dim=-1)
+def naive_loss(hs, ws, ht, wt, temperature: float) -> torch.Tensor:
+    logq = F.log_softmax((hs @ ws.t()).float() / temperature, dim=-1)  # [s, v] fp32
+    with torch.no_grad():
+        logp = F.log_softmax((ht @ wt.t()).float() / temperature, dim=-1)
     return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean()
 
 
-def chunked_kl(student, teacher, temperature: float, chunk: int) -> torch.Tensor:
+def chunked_loss(hs, ws, ht, wt, temperature: float, chunk: int) -> torch.Tensor:
     from megatron_minitron.config.distill import DistillConfig
     from megatron_minitron.distill.losses import logit_distillation_loss
 
     cfg = DistillConfig(temperature=temperature, token_chunk_size=chunk or None)
+    with torch.no_grad():
+        teacher = (ht @ wt.t()).unsqueeze(1)
+    student = (hs @ ws.t()).unsqueeze(1)  # [s, 1, v]
     return logit_distillation_loss(student, teacher, cfg, reduction="mean").loss
+
+
+def fused_loss(hs, ws, ht, wt, temperature: float, chunk: int) -> torch.Tensor:
+    from megatron_minitron.config.distill import DistillConfig
+    from megatron_minitron.distill.fused_output import fused_logit_distillation_loss
+
+    cfg = DistillConfig(temperature=temperature, token_chunk_size=chunk or None)
+    return fused_logit_distillation_loss(hs.unsqueeze(1), ws, ht.unsqueeze(1), wt, cfg,
+                                         reduction="mean", grad_scale=1.0).loss
+
+
+VARIANTS = {"naive": naive_loss, "chunked": chunked_loss, "fused": fused_loss}
+FP32_COPIES = {"naive": 7, "chunked": 3, "fused": 0}
+"""Roughly how many [tokens, vocab] fp32 tensors each variant holds at its peak (for skipping
+sizes that cannot fit)."""
 
 
 def _rss_bytes(field: str) -> int:
@@ -75,13 +103,20 @@ def _reset_cpu_peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, device: str):
+def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, device: str,
+            hidden: int):
     """One run in this process: (peak extra bytes, seconds)."""
+    import megatron_minitron.distill.fused_output  # noqa: F401  (imports outside the window)
+    import megatron_minitron.distill.losses  # noqa: F401
+
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
-    shape = (tokens, 1, vocab)  # [s, b, v], TP=1
-    student = torch.randn(shape, dtype=dt, device=device).requires_grad_()
-    teacher = torch.randn(shape, dtype=dt, device=device)
+    hs = torch.randn(tokens, hidden, dtype=dt, device=device).requires_grad_()
+    ht = torch.randn(tokens, hidden, dtype=dt, device=device)
+    ws = (torch.randn(vocab, hidden, dtype=dt, device=device) * hidden ** -0.5).requires_grad_()
+    wt = torch.randn(vocab, hidden, dtype=dt, device=device) * hidden ** -0.5
+    ws.main_grad = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
+    ws.main_grad.fill_(0)  # touch the pages: the buffer exists before the step in training
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -89,8 +124,8 @@ def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, devic
     else:
         base = _reset_cpu_peak()
     start = time.perf_counter()
-    loss = naive_kl(student, teacher, 1.0) if variant == "naive" else chunked_kl(
-        student, teacher, 1.0, chunk)
+    fn = VARIANTS[variant]
+    loss = fn(hs, ws, ht, wt, 1.0) if variant == "naive" else fn(hs, ws, ht, wt, 1.0, chunk)
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -100,11 +135,11 @@ def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, devic
     return peak, time.perf_counter() - start
 
 
-def run_isolated(variant, vocab, tokens, dtype, chunk, device):
+def run_isolated(variant, vocab, tokens, dtype, chunk, device, hidden):
     if device == "cuda":  # the allocator's counters are exact in process
-        return measure(variant, vocab, tokens, dtype, chunk, device)
+        return measure(variant, vocab, tokens, dtype, chunk, device, hidden)
     cmd = [sys.executable, __file__, "--child", variant, str(vocab), str(tokens), dtype,
-           str(chunk)]
+           str(chunk), str(hidden)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peak, seconds = json.loads(out.strip().splitlines()[-1])
     return peak, seconds
@@ -118,15 +153,21 @@ def free_bytes(device: str) -> int:
     return psutil.virtual_memory().available
 
 
-def rows_for(vocab: int, tokens: int, device: str):
-    """(tokens, run naive?) pairs: the asked size, plus a smaller one if naive cannot fit."""
-    fits = lambda n: NAIVE_FP32_COPIES * 4 * n * vocab < 0.8 * free_bytes(device)  # noqa: E731
-    if fits(tokens):
-        return [(tokens, True)]
-    smaller = tokens // 2
-    while smaller > 256 and not fits(smaller):
-        smaller //= 2
-    return [(tokens, False), (smaller, True)]
+def fits(variant: str, vocab: int, tokens: int, hidden: int, device: str) -> bool:
+    inputs = 4 * (4 * vocab * hidden + 2 * tokens * hidden)
+    need = inputs + 4 * FP32_COPIES[variant] * tokens * vocab + 4 * vocab * hidden
+    return need < 0.8 * free_bytes(device)
+
+
+def sizes_for(vocab: int, tokens: int, hidden: int, device: str):
+    """Token counts to measure: the asked one, plus the largest smaller one where all fit."""
+    out = [tokens]
+    n = tokens
+    while n > 256 and not all(fits(v, vocab, n, hidden, device) for v in VARIANTS):
+        n //= 2
+    if n != tokens:
+        out.append(n)
+    return out
 
 
 def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool) -> None:
@@ -199,11 +240,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens (~1 minute on CPU)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens (default 8192)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[128256])
+    parser.add_argument("--hidden-size", type=int, default=4096, help="(b) output layer width")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                        help="(b) default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--chunk", type=int, default=0,
                         help="distill.token_chunk_size (0: the automatic size)")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=10, help="(a) timed rounds")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="(a)")
@@ -213,33 +256,36 @@ def main():
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
-        variant, vocab, tokens, dtype, chunk = args.child
-        print(json.dumps(measure(variant, int(vocab), int(tokens), dtype, int(chunk), "cpu")))
+        variant, vocab, tokens, dtype, chunk, hidden = args.child
+        print(json.dumps(measure(variant, int(vocab), int(tokens), dtype, int(chunk), "cpu",
+                                 int(hidden))))
         return
     if args.part in ("a", "all"):
         step_speed(args.rounds, args.precision, args.seq, args.mbs, args.hidden)
     if args.part == "a":
         return
     tokens = args.tokens or (2048 if args.quick else 8192)
-    print(f"(b) logit loss peak memory, forward+backward, {args.dtype} logits [s, 1, v], "
-          f"chunk {args.chunk or 'auto'} tokens, device {device}")
-    header = f"{'vocab':>7} {'tokens':>7} {'naive GiB':>10} {'chunked GiB':>12} {'ratio':>6} " \
-             f"{'naive s':>8} {'chunked s':>10}"
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    h = args.hidden_size
+    print(f"(b) output layers + logit loss from the final hidden states, forward+backward, "
+          f"{dtype}, hidden {h}, chunk {args.chunk or 'auto'} tokens, device {device}")
+    header = (f"{'vocab':>7} {'tokens':>7} {'naive GiB':>10} {'chunked GiB':>12} "
+              f"{'fused GiB':>10} {'chunked/naive':>14} {'fused/naive':>12} {'naive s':>8} "
+              f"{'chunked s':>10} {'fused s':>8}")
     print(header)
     print("-" * len(header))
     for vocab in args.vocab:
-        for n, run_naive in rows_for(vocab, tokens, device):
-            c_peak, c_s = run_isolated("chunked", vocab, n, args.dtype, args.chunk, device)
-            if run_naive:
-                n_peak, n_s = run_isolated("naive", vocab, n, args.dtype, args.chunk, device)
-                naive, ratio, n_time = f"{n_peak / GIB:10.2f}", f"{c_peak / n_peak:6.3f}", \
-                    f"{n_s:8.1f}"
-            else:
-                need = NAIVE_FP32_COPIES * 4 * n * vocab / GIB
-                naive, ratio, n_time = f"{'>' + format(need, '.0f'):>10}", f"{'-':>6}", \
-                    f"{'skip':>8}"
-            print(f"{vocab:7d} {n:7d} {naive} {c_peak / GIB:12.2f} {ratio} {n_time} "
-                  f"{c_s:10.1f}", flush=True)
+        for n in sizes_for(vocab, tokens, h, device):
+            res = {v: run_isolated(v, vocab, n, dtype, args.chunk, device, h)
+                   if fits(v, vocab, n, h, device) else None for v in VARIANTS}
+            gib = {v: f"{r[0] / GIB:.2f}" if r else "skip" for v, r in res.items()}
+            sec = {v: f"{r[1]:.1f}" if r else "-" for v, r in res.items()}
+            naive = res["naive"]
+            ratio = {v: f"{res[v][0] / naive[0]:.3f}" if naive and res[v] else "-"
+                     for v in ("chunked", "fused")}
+            print(f"{vocab:7d} {n:7d} {gib['naive']:>10} {gib['chunked']:>12} "
+                  f"{gib['fused']:>10} {ratio['chunked']:>14} {ratio['fused']:>12} "
+                  f"{sec['naive']:>8} {sec['chunked']:>10} {sec['fused']:>8}", flush=True)
 
 
 if __name__ == "__main__":

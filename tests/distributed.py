@@ -21,7 +21,7 @@ def _worker(rank, world_size, port, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, fn(*args), None))
+        queue.put((rank, _by_value(fn(*args)), None))
     except BaseException:  # report the traceback to the parent, then fail this process
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -31,6 +31,19 @@ def _worker(rank, world_size, port, fn, args, queue):
             teardown()
         except Exception:
             pass
+
+
+def _by_value(result) -> bytes:
+    """The result serialised with its tensors' contents: torch's multiprocessing queue would
+    share tensors through file descriptors that this worker's exit can remove before the
+    parent has read them."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    return buf.getvalue()
 
 
 def run_distributed(fn, world_size: int, *args):
@@ -45,6 +58,12 @@ def run_distributed(fn, world_size: int, *args):
     results, errors = {}, []
     for _ in procs:
         rank, out, err = queue.get(timeout=600)
+        if out is not None:
+            import io
+
+            import torch
+
+            out = torch.load(io.BytesIO(out), weights_only=False)
         results[rank] = out
         if err:
             errors.append(f"rank {rank}:\n{err}")

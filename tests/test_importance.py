@@ -146,6 +146,12 @@ def _single(root: str):
         padded_from=SEQ // 2, pad_seed=k), ctx).tensors for k in (1, 2)]
     out["truncated"] = compute_importance(chunks, m, ImportanceConfig(**half), batches(
         seq=SEQ // 2), ctx).tensors
+    # depth losses on the first 2 of 4 micro-batches: as if scored on those 2 alone
+    subset = dict(micro_batch_size=MBS, block_sizes=[2])
+    out["depth_subset"] = compute_importance(chunks, m, ImportanceConfig(
+        num_samples=NUM_BATCHES * MBS, depth_samples=2 * MBS, **subset), batches(), ctx).tensors
+    out["depth_alone"] = compute_importance(chunks, m, ImportanceConfig(
+        num_samples=2 * MBS, **subset), lambda: iter(list(batches()())[:2]), ctx).tensors
     out["permuted"] = scores_of(permute_groups(base_sd, m, PERM), "permuted")
     out["planted"] = scores_of(plant(base_sd, m), "planted")
     for source, seed in (("magnitude", 0), ("random", 5), ("random", 5), ("random", 6)):
@@ -337,6 +343,18 @@ def agg_mask(loss_mask):
 def test_token_mask_costs_nothing_without_padding():
     assert agg_mask(torch.ones(2, 4)) is None
     assert agg_mask(torch.tensor([[1.0, 0.0]])).shape == (2, 1, 1)  # [b, s] -> [s, b, 1]
+
+
+def test_depth_samples_score_depth_on_a_subset_and_width_on_all():
+    _, out = single_run()
+    sub, alone, full = out["depth_subset"], out["depth_alone"], out["base"]
+    for key in ("layers.loss", "blocks.loss.k2"):
+        torch.testing.assert_close(sub[key], alone[key])
+        assert not torch.allclose(sub[key], full[key])  # another sample set: other values
+    width = [k for k in full if not k.startswith(("layers.", "blocks."))]
+    assert width
+    for key in width:
+        torch.testing.assert_close(sub[key], full[key])
 
 
 def test_padding_tokens_do_not_count_in_width_or_cosine_scores():

@@ -51,6 +51,12 @@ class ImportanceConfig:
     """Score each layer by 1 - mean cosine(layer input, layer output)."""
     depth_loss: bool = True
     """Score each layer by the LM-loss increase when it is skipped (one extra pass per layer)."""
+    depth_samples: Optional[int] = None
+    """Calibration sequences (of the num_samples, over all data-parallel ranks) for the
+    skip-one-layer and block losses, which cost one forward pass each: fewer than num_samples
+    makes depth scoring that much cheaper (the loss differences of whole layers are large next
+    to their sampling noise). The unskipped loss they are compared with is taken on the same
+    samples. None: all num_samples."""
     block_sizes: List[int] = field(default_factory=list)
     """For each k: LM-loss increase when each contiguous block of k layers is skipped (one pass
     per block). Depth pruning to num_layers - k by contiguous block needs k here."""
@@ -66,6 +72,10 @@ class ImportanceConfig:
             if getattr(self, name) not in AGGREGATIONS:
                 raise ConfigError(f"importance.{name}", f"unknown {getattr(self, name)!r}",
                                   f"use one of {AGGREGATIONS}")
+        if self.depth_samples is not None and not 1 <= self.depth_samples <= self.num_samples:
+            raise ConfigError("importance.depth_samples", f"{self.depth_samples} is not in "
+                              f"[1, num_samples={self.num_samples}]",
+                              "use a positive count up to importance.num_samples, or null")
         for name in ("num_samples", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"importance.{name}", "must be >= 1", "use a positive integer")

@@ -20,6 +20,7 @@ from megatron_minitron.importance import aggregation as agg
 from megatron_minitron.importance.depth import CosineHooks, blocks, skip_layers
 from megatron_minitron.importance.hooks import WidthHooks
 from megatron_minitron.importance.scores import Scores, ScoresHeader, model_config_hash
+from megatron_minitron.runtime.progress import Progress
 
 Batch = Dict[str, torch.Tensor]
 MakeBatches = Callable[[], Iterable[Batch]]
@@ -102,10 +103,20 @@ def mean_loss(chunks, make_batches: MakeBatches, ctx, skip: Iterable[int] = ()) 
     return float(total[0] / total[1].clamp_min(1.0))
 
 
+def depth_batches(make_batches: MakeBatches, cfg: ImportanceConfig, dp_size: int
+                  ) -> MakeBatches:
+    """The first importance.depth_samples of the calibration samples (this rank's share)."""
+    if cfg.depth_samples is None:
+        return make_batches
+    per_rank = -(-cfg.depth_samples // (cfg.micro_batch_size * dp_size))  # ceil
+    return lambda: list(make_batches())[:max(1, per_rank)]
+
+
 def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: ImportanceConfig,
                        make_batches: MakeBatches, ctx,
-                       data: Optional[Dict[str, Any]] = None) -> Scores:
-    """All enabled scores of the model in `chunks`, identical on every rank."""
+                       data: Optional[Dict[str, Any]] = None, progress: bool = False) -> Scores:
+    """All enabled scores of the model in `chunks`, identical on every rank. progress: show
+    a bar with the time left over the forward passes (rank 0)."""
     from megatron_minitron.models.builder import unwrap
 
     if getattr(unwrap(chunks[0]).config, "sequence_parallel", False):
@@ -120,25 +131,35 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
                                            ctx.tp_rank, ctx.tp_size, mask, cfg.head_score))
         if cfg.depth_cosine:
             hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank, mask))
-        base = forward_pass(chunks, make_batches, ctx, stats,
-                            on_batch=lambda b: mask.set(b["loss_mask"]))
-    all_reduce_sum([base, *stats.values()], ctx)
-    base_loss = float(base[0] / base[1].clamp_min(1.0))
+    sizes = sorted(set(k for k in cfg.block_sizes if k <= model.num_layers))
+    depth_passes = ((model.num_layers if cfg.depth_loss else 0) +
+                    sum(len(blocks(model.num_layers, k)) for k in sizes))
+    depth_make = depth_batches(make_batches, cfg, ctx.dp_size)
+    separate_base = depth_passes > 0 and depth_make is not make_batches
+    bar = Progress(1 + depth_passes + int(separate_base), 0, progress and ctx.rank == 0,
+                   "importance passes")
+    try:
+        with ExitStack() as hooks:
+            if cfg.width:
+                hooks.enter_context(WidthHooks(chunks, model, stats, cfg.seq_aggregation,
+                                               ctx.tp_rank, ctx.tp_size, mask, cfg.head_score))
+            if cfg.depth_cosine:
+                hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank, mask))
+            base = forward_pass(chunks, make_batches, ctx, stats,
+                                on_batch=lambda b: mask.set(b["loss_mask"]))
+        all_reduce_sum([base, *stats.values()], ctx)
+        base_loss = float(base[0] / base[1].clamp_min(1.0))
+        bar.update(1)
+        tensors = _depth_scores(chunks, model, cfg, sizes, depth_make, ctx, bar,
+                                mean_loss(chunks, depth_make, ctx) if separate_base
+                                else base_loss)
+    finally:
+        bar.close()
 
-    tensors: Dict[str, torch.Tensor] = {}
     if cfg.width:
         tensors.update(agg.width_scores(stats, model, cfg.sample_aggregation))
     if cfg.depth_cosine:
         tensors["layers.cosine"] = agg.cosine_scores(stats)
-    if cfg.depth_loss:
-        tensors["layers.loss"] = torch.tensor(
-            [mean_loss(chunks, make_batches, ctx, [n]) - base_loss
-             for n in range(1, model.num_layers + 1)])
-    sizes = sorted(set(k for k in cfg.block_sizes if k <= model.num_layers))
-    for k in sizes:
-        tensors[f"blocks.loss.k{k}"] = torch.tensor(
-            [mean_loss(chunks, make_batches, ctx, block) - base_loss
-             for block in blocks(model.num_layers, k)])
     header = ScoresHeader(
         model_config_hash=model_config_hash(model), model=dataclasses.asdict(model),
         num_samples=int(stats["samples"]), seq_aggregation=cfg.seq_aggregation,
@@ -147,9 +168,30 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
     return Scores({k: v.cpu() for k, v in tensors.items()}, header)
 
 
+def _depth_scores(chunks, model: ModelConfig, cfg: ImportanceConfig, sizes: List[int],
+                  make_batches: MakeBatches, ctx, bar: Progress, base_loss: float
+                  ) -> Dict[str, torch.Tensor]:
+    """LM-loss increase when each layer (depth_loss) or block of k layers is skipped."""
+    def increase(skip) -> float:
+        value = mean_loss(chunks, make_batches, ctx, skip) - base_loss
+        bar.update(bar.completed + 1)
+        return value
+
+    if cfg.depth_samples is not None and (cfg.depth_loss or sizes):
+        bar.update(bar.completed + 1)  # the separate unskipped pass on the depth samples
+    tensors: Dict[str, torch.Tensor] = {}
+    if cfg.depth_loss:
+        tensors["layers.loss"] = torch.tensor(
+            [increase([n]) for n in range(1, model.num_layers + 1)])
+    for k in sizes:
+        tensors[f"blocks.loss.k{k}"] = torch.tensor(
+            [increase(block) for block in blocks(model.num_layers, k)])
+    return tensors
+
+
 def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: Optional[MakeBatches],
                      ctx, parallel, runtime, output: Optional[str] = None,
-                     data: Optional[Dict[str, Any]] = None) -> Scores:
+                     data: Optional[Dict[str, Any]] = None, progress: bool = False) -> Scores:
     """Build the checkpoint's model for this layout, load it, score it by cfg.source; rank 0
     writes `output`. The baselines need no make_batches (random needs no weights either)."""
     from megatron_minitron.checkpoint.dist import load, read_header
@@ -164,7 +206,7 @@ def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: Optio
         chunks = build_model(model, parallel, runtime, ctx.device)
         load(checkpoint, chunks, ctx=ctx)
         scores = (magnitude_scores(chunks, model, ctx) if cfg.source == "magnitude" else
-                  compute_importance(chunks, model, cfg, make_batches, ctx, data))
+                  compute_importance(chunks, model, cfg, make_batches, ctx, data, progress))
         del chunks
     if output is not None and ctx.rank == 0:
         save_scores(output, scores)

@@ -156,7 +156,7 @@ def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
             make_batches = partial(calibration_batches, calib, imp.num_samples,
                                    imp.micro_batch_size, ctx.dp_rank, ctx.dp_size)
         score_checkpoint(checkpoint, imp, make_batches, ctx, cfg.parallel, cfg.runtime, output,
-                         data)
+                         data, progress=cfg.logger.progress_bar)
     finally:
         teardown()
     tokens = imp.num_samples * cfg.data.seq_length if imp.source == "activation" else 0

@@ -13,7 +13,7 @@ from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.runtime.distributed import ParallelContext
 from megatron_minitron.runtime.signals import PreemptionFlag, Requeue
 from megatron_minitron.training.metrics import MetricsWriter
-from megatron_minitron.training.progress import Progress
+from megatron_minitron.runtime.progress import Progress
 
 
 class DataSource(Protocol):

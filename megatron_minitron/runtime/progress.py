@@ -6,6 +6,7 @@ from typing import Dict, Optional
 class Progress:
     def __init__(self, total: int, start: int, enabled: bool, description: str = "train"):
         self.bar = None
+        self.completed = start
         if not enabled:
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
@@ -18,6 +19,7 @@ class Progress:
         self.bar.start()
 
     def update(self, step: int, values: Optional[Dict[str, float]] = None) -> None:
+        self.completed = step
         if self.bar is None:
             return
         info = "  ".join(f"{k} {v:.4g}" for k, v in (values or {}).items())
