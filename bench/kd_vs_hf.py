@@ -168,17 +168,22 @@ def main():
     tokens_on_device = batch["tokens"].to(device)
     peak = PeakMemory(device)
     peaks = {"ours": [], "naive": []}
+    cpu = {"ours": [], "naive": []}
 
     def run(name, fn):
         def timed():
+            c = time.process_time()
             peaks[name].append(peak.measure(fn))
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            cpu[name].append(time.process_time() - c)
         return timed
 
     fns = {"ours": run("ours", lambda: trainer.train_step(it)),
            "naive": run("naive", lambda: naive_step(tokens_on_device))}
     times = interleaved(fns, k["rounds"], clock=time.perf_counter)
+    for name in cpu:  # the warm-up round is not timed
+        cpu[name], peaks[name] = cpu[name][1:], peaks[name][1:]
     tokens = mbs * seq
     print(f"CPU: {cpu_description()}" if device.type == "cpu" else
           f"GPU: {torch.cuda.get_device_name()}")
@@ -191,6 +196,9 @@ def main():
         mem = sorted(peaks[name])[len(peaks[name]) // 2] / 2**20
         print(f"{name:>6}: {tps[len(tps) // 2]:7.0f} tokens/s (range {tps[0]:.0f}-{tps[-1]:.0f})"
               f", peak extra memory per step {mem:.0f} MiB")
+    if device.type == "cpu":  # steadier than wall time when other jobs share the cores
+        print(f"CPU-time ratio ours / naive (naive CPU s / ours CPU s): "
+              f"{ratio_summary(cpu['naive'], cpu['ours'])}")
     print(f"tokens/s ratio ours / naive: {ratio_summary(times['naive'], times['ours'])}")
 
 
