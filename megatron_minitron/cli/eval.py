@@ -12,7 +12,7 @@ from megatron_minitron.config.loader import load_config, override_list
 
 def main(overrides: List[str]) -> None:
     cfg = load_config(override_list(overrides))
-    from megatron_minitron.checkpoint.dist import read_header
+    from megatron_minitron.checkpoint.dist import read_header, verified
     from megatron_minitron.eval.suite import evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown
     from megatron_minitron.training.data_source import resolve_tokenizer
@@ -21,6 +21,8 @@ def main(overrides: List[str]) -> None:
     if checkpoint is None:
         raise ConfigError("eval.checkpoint", "no checkpoint to evaluate",
                           "set eval.checkpoint or checkpoint.load")
+    verified(checkpoint, "eval.checkpoint" if cfg.eval.checkpoint else "checkpoint.load",
+             cfg.checkpoint.verify)
     header = read_header(checkpoint)
     cfg = replace(cfg, model=header.model)  # the checkpoint's architecture, checked vs layout
     output = cfg.eval.output or f"{cfg.run.dir}/eval"
