@@ -190,3 +190,32 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path):
         with hold_run_dir(str(tmp_path), 0):
             pass
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    assert (tmp_path / ".lock").read_text() == ""
+
+
+def test_nonfinite_optimizer_state_is_found_before_a_save():
+    from types import SimpleNamespace
+
+    from megatron_minitron.training.nonfinite import first_nonfinite
+
+    model = torch.nn.Linear(4, 4)
+    adam = torch.optim.Adam(model.parameters())
+    optimizer = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=adam)])
+    model(torch.ones(1, 4)).sum().backward()
+    adam.step()
+    assert first_nonfinite([model], optimizer, torch.device("cpu")) is None
+    next(iter(adam.state.values()))["exp_avg_sq"][0, 0] = float("inf")
+    assert first_nonfinite([model], optimizer, torch.device("cpu")) == "optimizer exp_avg_sq"
+
+
+def test_metrics_are_strict_json_with_nonfinite_values_flagged(tmp_path):
+    from megatron_minitron.config.train import LoggerConfig
+    from megatron_minitron.training.metrics import MetricsWriter, read_metrics
+
+    w = MetricsWriter(str(tmp_path), LoggerConfig(backend="none"), True)
+    w.log(1, {"lm_loss": float("nan"), "grad_norm": float("inf"), "lr": 1.0})
+    rec = _strict_json((tmp_path / "metrics.jsonl").read_text())
+    assert rec["lm_loss"] is None and rec["grad_norm"] is None and rec["lr"] == 1.0
+    assert rec["nonfinite"] == ["grad_norm", "lm_loss"]
+    back = read_metrics(str(tmp_path))[0]
+    assert back["lm_loss"] != back["lm_loss"] and "nonfinite" not in back

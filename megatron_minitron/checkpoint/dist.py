@@ -172,9 +172,13 @@ def load(path: str, chunks: List[torch.nn.Module], optimizer=None, scheduler=Non
 
 
 def unreadable(field: str, p: Path, e: BaseException) -> ConfigError:
+    failures = getattr(e, "failures", None)  # torch's CheckpointException: {rank: (exc, tb)}
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        e = cause[0] if isinstance(cause, tuple) and cause else e
     text = str(e).strip().splitlines()
-    return ConfigError(field, f"checkpoint {p} could not be read ({type(e).__name__}: "
-                       f"{text[0][:200] if text else ''})",
+    return ConfigError(field, f"checkpoint {p} could not be read ({type(e).__name__}"
+                       f"{': ' + text[0][:200] if text else ''})",
                        "point it to an intact checkpoint (a damaged or partly copied one "
                        "cannot be loaded)")
 

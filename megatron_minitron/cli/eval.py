@@ -15,6 +15,7 @@ def main(overrides: List[str]) -> None:
     from megatron_minitron.checkpoint.dist import read_header, verified
     from megatron_minitron.eval.suite import evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.run_lock import hold_run_dir
     from megatron_minitron.training.data_source import resolve_tokenizer
 
     checkpoint = cfg.eval.checkpoint or cfg.checkpoint.load
@@ -28,11 +29,12 @@ def main(overrides: List[str]) -> None:
     output = cfg.eval.output or f"{cfg.run.dir}/eval"
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
-        result = evaluate_run(cfg, checkpoint, resolve_tokenizer(cfg, header), ctx)
-        if ctx.rank == 0:
-            path = write_eval_json(result, output)
-            print(json.dumps({"perplexity": result["perplexity"]}, indent=2))
-            print(f"minitron eval: wrote {path}")
+        with hold_run_dir(cfg.run.dir, ctx.rank):
+            result = evaluate_run(cfg, checkpoint, resolve_tokenizer(cfg, header), ctx)
+            if ctx.rank == 0:
+                path = write_eval_json(result, output)
+                print(json.dumps({"perplexity": result["perplexity"]}, indent=2))
+                print(f"minitron eval: wrote {path}")
     finally:
         teardown()
 

@@ -14,6 +14,7 @@ def main(overrides: List[str]) -> None:
     cfg = load_config(overrides)
     from megatron_minitron.checkpoint.dist import verified
     from megatron_minitron.pipeline.stages import prune
+    from megatron_minitron.runtime.run_lock import hold_run_dir
 
     checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load
     if checkpoint is None:
@@ -24,6 +25,7 @@ def main(overrides: List[str]) -> None:
     scores = cfg.prune.scores or f"{cfg.run.dir}/importance/scores.safetensors"
     if cfg.prune.scores is None and not Path(scores).is_file():
         scores = None  # fine while no axis is ranked; the plan says so otherwise
-    path = prune(cfg, checkpoint, scores, cfg.prune.output or f"{cfg.run.dir}/pruned")
+    with hold_run_dir(cfg.run.dir, int(os.environ.get("RANK", "0"))):
+        path = prune(cfg, checkpoint, scores, cfg.prune.output or f"{cfg.run.dir}/pruned")
     if os.environ.get("RANK", "0") == "0":
         print(f"minitron prune: wrote {path['checkpoint']}")

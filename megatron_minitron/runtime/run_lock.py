@@ -52,6 +52,7 @@ def _release(run_dir: Path) -> None:
         _held[key] = (fd, depth - 1)
         return
     del _held[key]
+    os.ftruncate(fd, 0)  # a finished job leaves the file as it found it (kill -9 leaves its pid)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 
