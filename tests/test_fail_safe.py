@@ -219,3 +219,29 @@ def test_metrics_are_strict_json_with_nonfinite_values_flagged(tmp_path):
     assert rec["nonfinite"] == ["grad_norm", "lm_loss"]
     back = read_metrics(str(tmp_path))[0]
     assert back["lm_loss"] != back["lm_loss"] and "nonfinite" not in back
+
+
+def _diverge(run_dir, extra):
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.training.lm import train_lm
+    from megatron_minitron.training.nonfinite import NonFiniteError
+
+    cfg = load_config(FAST + [f"run.dir={run_dir}", "train.train_iters=8",
+                              "train.optimizer.lr=1e30", "train.optimizer.clip_grad=0",
+                              "checkpoint.save_interval=1"] + extra)
+    try:
+        train_lm(cfg)
+    except NonFiniteError as e:
+        return e.field
+    return None
+
+
+def test_every_rank_stops_together_under_pipeline_parallelism(tmp_path):
+    """Skip decisions, the save check, the lock and the checkpoint choice are agreed by all
+    ranks: a disagreement would hang this test instead of raising on both."""
+    from distributed import run_distributed
+
+    fields = run_distributed(_diverge, 2, str(tmp_path),
+                             ["parallel.pipeline_model_parallel_size=2"])
+    assert fields == ["train.max_nonfinite_steps"] * 2
+    assert (tmp_path / "checkpoints" / "latest").is_file()
