@@ -60,7 +60,8 @@ def main(argv):
     print(f"model {k['model']}: checkpoint {size / 2**20:.1f} MiB in "
           f"{len(list(step.iterdir()))} files")
     print(f"save with hashes {statistics.median(times['hashed']):.3f} s, without "
-          f"{statistics.median(times['plain']):.3f} s; ratio {ratio_summary(times['hashed'], times['plain'])}")
+          f"{statistics.median(times['plain']):.3f} s; ratio "
+          f"{ratio_summary(times['hashed'], times['plain'])}")
     print(f"verify at load: {verify_s:.3f} s ({size / 2**20 / verify_s:.0f} MiB/s)")
     teardown()
     shutil.rmtree(work, ignore_errors=True)

@@ -105,7 +105,8 @@ def test_flipped_or_truncated_shard_is_a_named_error_unless_verify_is_off(saved,
     from megatron_minitron.config.errors import ConfigError
 
     header = json.loads((saved / "checkpoints" / "step_0000003" / ckpt.HEADER).read_text())
-    assert header["files"] and all(len(f["sha256"]) == 64 for f in header["files"].values())
+    assert header["files"] and all(len(f[integrity.DIGEST]) == 64
+                                   for f in header["files"].values())
     for name, damage in [("flipped", _flip), ("truncated", lambda p: os.truncate(
             p, p.stat().st_size // 2))]:
         run = tmp_path / name
