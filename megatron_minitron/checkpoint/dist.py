@@ -40,8 +40,9 @@ class CheckpointHeader:
     has_optimizer: bool = False
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
     files: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
-    """Every other file of the folder: {relative path: {"bytes", "sha256"}}; empty in
-    checkpoints saved before hashes were recorded (they load unverified)."""
+    """Every other file of the folder: {relative path: {"bytes", integrity.DIGEST}}, checked
+    before a load; empty in checkpoints saved before hashes were recorded (they load
+    unverified)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

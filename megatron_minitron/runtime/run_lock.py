@@ -31,7 +31,8 @@ def _acquire(run_dir: Path) -> Optional[str]:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        return f"cannot create {run_dir / LOCK_FILE} ({e.strerror})"
+        what = "is not a folder" if run_dir.exists() and not run_dir.is_dir() else "is unusable"
+        return f"{run_dir} {what}: cannot create {run_dir / LOCK_FILE} ({e.strerror})"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
