@@ -75,8 +75,8 @@ def hold_run_dir(run_dir: str, rank: int):
     problem = _acquire(path) if rank == 0 else None
     problem = _agreed(problem)
     if problem is not None:
-        raise ConfigError("run.dir", problem, "wait for that job to finish or stop it, or give "
-                          "this one another run.dir")
+        raise ConfigError("run.dir", problem, "give this job a run.dir that is a writable "
+                          "folder no other job holds (or wait for that job, or stop it)")
     try:
         yield
     finally:
