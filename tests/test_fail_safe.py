@@ -137,6 +137,19 @@ def test_truncated_shard_without_verification_is_still_a_named_error(saved, tmp_
     assert err.strip().splitlines()[-1].startswith("minitron: error: checkpoint.load:")
 
 
+def test_damaged_teacher_is_a_named_error(saved, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    teacher = run / "checkpoints" / "step_0000003"
+    _flip(_largest_shard(teacher), at=50)
+    rc, _, err = _run("distill", *FAST, f"run.dir={tmp_path / 'student'}", "train.train_iters=1",
+                      f"distill.teacher_checkpoint={teacher}",
+                      f"checkpoint.load={run / 'checkpoints' / 'step_0000002'}")
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("minitron: error: distill.teacher_checkpoint:") and "damaged" in line
+
+
 def test_resume_falls_back_past_a_damaged_checkpoint(saved, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(saved, run)
