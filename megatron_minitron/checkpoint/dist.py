@@ -2,7 +2,8 @@
 
 Layout of one checkpoint folder (written atomically: a `.tmp` folder renamed at the end):
     <root>/step_000010/            dist_checkpointing shards (model, optimizer, RNG)
-    <root>/step_000010/minitron.json   model config, tokenizer, step, consumed samples, layout
+    <root>/step_000010/minitron.json   model config, tokenizer, step, consumed samples, layout,
+                                   and the sha256 of every other file (checked at load)
     <root>/latest                  name of the newest complete step folder
 A checkpoint saved at one TP/PP loads at any other that the shapes allow (dist_checkpointing
 reshards); RNG and optimizer state are restored only when the layout is unchanged.
@@ -12,12 +13,14 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megatron_minitron.checkpoint import integrity
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
 
@@ -36,6 +39,10 @@ class CheckpointHeader:
     layout: Dict[str, int] = dataclasses.field(default_factory=dict)
     has_optimizer: bool = False
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Every other file of the folder: {relative path: {"bytes", integrity.DIGEST}}, checked
+    before a load; empty in checkpoints saved before hashes were recorded (they load
+    unverified)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -119,6 +126,7 @@ def save(root: str, step: int, chunks: List[torch.nn.Module], header: Checkpoint
     dist_checkpointing.save(sd, str(tmp))
     _barrier()
     if rank0:
+        header.files = integrity.hash_files(tmp, HEADER)
         (tmp / HEADER).write_text(header.to_json())
         if final.exists():
             shutil.rmtree(final)
@@ -143,17 +151,44 @@ def _prune_old(root: Path, keep_last: int) -> None:
 
 
 def load(path: str, chunks: List[torch.nn.Module], optimizer=None, scheduler=None, ctx=None,
-         strict: bool = True) -> CheckpointHeader:
+         strict: bool = True, field: str = "checkpoint.load", verify: bool = True
+         ) -> CheckpointHeader:
     """Load weights (and, when given and the layout matches, optimizer/scheduler/RNG) in place.
-    Raises ConfigError when the checkpoint's architecture disagrees with the built model."""
+    Raises ConfigError naming `field` (the setting that chose this checkpoint) when the
+    checkpoint is missing, damaged (its files fail their hashes, unless verify is False) or
+    unreadable, or when its architecture disagrees with the built model."""
+    p = resolve(path)
+    if p is None:
+        raise ConfigError(field, f"no complete checkpoint at {path}",
+                          "point to a step_* folder or a folder with a 'latest' file")
+    check(p, field, verify)
+    try:
+        return _load(p, chunks, optimizer, scheduler, ctx, strict)
+    except ConfigError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's checkpoint errors need not derive from Exception
+        raise unreadable(field, p, e) from e
+
+
+def unreadable(field: str, p: Path, e: BaseException) -> ConfigError:
+    failures = getattr(e, "failures", None)  # torch's CheckpointException: {rank: (exc, tb)}
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        e = cause[0] if isinstance(cause, tuple) and cause else e
+    text = str(e).strip().splitlines()
+    return ConfigError(field, f"checkpoint {p} could not be read ({type(e).__name__}"
+                       f"{': ' + text[0][:200] if text else ''})",
+                       "point it to an intact checkpoint (a damaged or partly copied one "
+                       "cannot be loaded)")
+
+
+def _load(p: Path, chunks, optimizer, scheduler, ctx, strict) -> CheckpointHeader:
     from megatron.core import dist_checkpointing
 
     from megatron_minitron.models.builder import unwrap
 
-    p = resolve(path)
-    if p is None:
-        raise ConfigError("checkpoint.load", f"no complete checkpoint at {path}",
-                          "point to a step_* folder or a folder with a 'latest' file")
     header = CheckpointHeader.from_json((p / HEADER).read_text())
     sd: Dict[str, Any] = {"model": model_sharded_state_dict(chunks)}
     _check_shapes(sd["model"], p, header)
@@ -177,6 +212,102 @@ def load(path: str, chunks: List[torch.nn.Module], optimizer=None, scheduler=Non
         torch.set_rng_state(state["rng"]["torch"])
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
     return header
+
+
+def damage(p: Path) -> Optional[str]:
+    """Why the step folder p cannot be trusted, or None. Rank 0 reads, every rank learns the
+    answer (collective when torch.distributed is up): the ranks must agree on what to load."""
+    def local() -> Optional[str]:
+        header = p / HEADER
+        if integrity.already_checked(p, header):
+            return None
+        try:
+            files = json.loads(header.read_text()).get("files") or {}
+        except (OSError, ValueError) as e:
+            return f"its {HEADER} cannot be read ({type(e).__name__}: {e})"
+        if not files:
+            _say_once(f"checkpoint {p} records no file hashes (saved before they were); "
+                      "loading it unverified")
+            return None
+        try:
+            problem = integrity.damage(p, files, HEADER)
+        except OSError as e:
+            problem = f"a file cannot be read ({e})"
+        if problem is None:
+            integrity.mark_checked(p, header)
+        return problem
+
+    return _agree(local)
+
+
+def verified(path: str, field: str, verify: bool = True) -> Path:
+    """The step folder that `path` (set by the user as `field`) names, checked before any work:
+    a missing or damaged checkpoint is a ConfigError naming that field."""
+    p = resolve(path)
+    if p is None:
+        raise ConfigError(field, f"no complete checkpoint at {path} (no {HEADER} and no "
+                          f"'{LATEST}' pointer)", "point to a step_* folder or its root")
+    check(p, field, verify)
+    return p
+
+
+def check(p: Path, field: str, verify: bool = True) -> None:
+    """Raise ConfigError naming `field` when p's files do not match the hashes it recorded.
+    verify=False settles p unchecked for this process, so later loads of it skip the check."""
+    if not verify:
+        integrity.mark_checked(p, p / HEADER)
+        return
+    problem = damage(p)
+    if problem is not None:
+        raise ConfigError(field, f"checkpoint {p} is damaged or incomplete: {problem}",
+                          "point it to an intact checkpoint (restore this one from a copy), "
+                          "or set checkpoint.verify=false to load it anyway")
+
+
+def resolve_intact(root: str, field: str, verify: bool = True) -> Optional[Path]:
+    """The newest step folder under root that verifies (None if root has none), saying once
+    which newer ones were skipped as damaged. Raises when every one is damaged."""
+    newest = resolve(root)
+    steps = sorted((q for q in Path(root).expanduser().glob("step_*")
+                    if q.is_dir() and not q.name.endswith(".tmp") and (q / HEADER).is_file()),
+                   reverse=True)
+    candidates = ([newest] if newest else []) + [q for q in steps if q != newest]
+    if not candidates or not verify:
+        return candidates[0] if candidates else None
+    skipped: List[Tuple[Path, str]] = []
+    for q in candidates:
+        problem = damage(q)
+        if problem is None:
+            for bad, why in skipped:
+                _say_once(f"checkpoint {bad} is damaged ({why}); resuming from {q} instead")
+            return q
+        skipped.append((q, problem))
+    bad, why = skipped[0]
+    raise ConfigError(field, f"every checkpoint under {root} is damaged (newest: {bad}: {why})",
+                      f"restore them from a copy, or remove {root} to start over "
+                      "(checkpoint.verify=false loads them anyway)")
+
+
+def _agree(fn: Callable[[], Optional[str]]) -> Optional[str]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: List[Optional[str]] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except Exception as e:  # the other ranks wait on this broadcast: never skip it
+            box[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_said: set = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said and (not dist.is_initialized() or dist.get_rank() == 0):
+        _said.add(message)
+        print(f"minitron: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _check_shapes(model_sd: Dict[str, Any], path: Path, header: CheckpointHeader) -> None:

@@ -23,6 +23,9 @@ def main(overrides: List[str]) -> None:
             src = str(fetch_smollm2())
         path = hf.hf_to_mcore(src, cfg.output)
     else:
+        from megatron_minitron.checkpoint.dist import verified
+
+        verified(cfg.input, "convert.input")
         model_type = None if cfg.model_type == "auto" else cfg.model_type
         path = hf.mcore_to_hf(cfg.input, cfg.output, dtype=cfg.dtype, model_type=model_type)
     print(f"minitron convert: wrote {path}")

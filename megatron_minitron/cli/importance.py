@@ -10,13 +10,18 @@ from megatron_minitron.config.loader import load_config, override_list
 
 def main(overrides: List[str]) -> None:
     cfg = load_config(override_list(overrides))
+    from megatron_minitron.checkpoint.dist import verified
     from megatron_minitron.pipeline.stages import score
+    from megatron_minitron.runtime.run_lock import hold_run_dir
 
     checkpoint = cfg.importance.checkpoint or cfg.checkpoint.load
     if checkpoint is None:
         raise ConfigError("importance.checkpoint", "no checkpoint to score",
                           "set importance.checkpoint or checkpoint.load")
+    verified(checkpoint, "importance.checkpoint" if cfg.importance.checkpoint else
+             "checkpoint.load", cfg.checkpoint.verify)
     output = cfg.importance.output or f"{cfg.run.dir}/importance/scores.safetensors"
-    score(cfg, checkpoint, output)
+    with hold_run_dir(cfg.run.dir, int(os.environ.get("RANK", "0"))):
+        score(cfg, checkpoint, output)
     if os.environ.get("RANK", "0") == "0":
         print(f"minitron importance: wrote {output}")

@@ -12,15 +12,20 @@ from megatron_minitron.config.loader import load_config, override_list
 def main(overrides: List[str]) -> None:
     overrides = override_list(overrides)
     cfg = load_config(overrides)
+    from megatron_minitron.checkpoint.dist import verified
     from megatron_minitron.pipeline.stages import prune
+    from megatron_minitron.runtime.run_lock import hold_run_dir
 
     checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load
     if checkpoint is None:
         raise ConfigError("prune.checkpoint", "no checkpoint to prune",
                           "set prune.checkpoint or checkpoint.load")
+    verified(checkpoint, "prune.checkpoint" if cfg.prune.checkpoint else "checkpoint.load",
+             cfg.checkpoint.verify)
     scores = cfg.prune.scores or f"{cfg.run.dir}/importance/scores.safetensors"
     if cfg.prune.scores is None and not Path(scores).is_file():
         scores = None  # fine while no axis is ranked; the plan says so otherwise
-    path = prune(cfg, checkpoint, scores, cfg.prune.output or f"{cfg.run.dir}/pruned")
+    with hold_run_dir(cfg.run.dir, int(os.environ.get("RANK", "0"))):
+        path = prune(cfg, checkpoint, scores, cfg.prune.output or f"{cfg.run.dir}/pruned")
     if os.environ.get("RANK", "0") == "0":
         print(f"minitron prune: wrote {path['checkpoint']}")

@@ -2,6 +2,7 @@
 from the saved importance scores, distill each briefly from the teacher, rank them by
 validation loss; writes RUN_DIR/search/ranking.{json,md} and prints the table."""
 
+import os
 from typing import List
 
 from megatron_minitron.config.loader import load_config, override_list
@@ -10,8 +11,10 @@ from megatron_minitron.config.loader import load_config, override_list
 def main(overrides: List[str]) -> None:
     cfg = load_config(override_list(overrides))
     from megatron_minitron.pipeline.search import is_rank0, run_search
+    from megatron_minitron.runtime.run_lock import hold_run_dir
 
-    result = run_search(cfg)
+    with hold_run_dir(cfg.run.dir, int(os.environ.get("RANK", "0"))):
+        result = run_search(cfg)
     if is_rank0():
         best = result.best
         print(f"minitron search: best {best['name']} ({best['params']:,} parameters, "

@@ -60,10 +60,13 @@ class TrainConfig:
     exit_after_iters: Optional[int] = None
     """Stop (after checkpointing) once this many steps ran in this process; for tests of
     resume and for time-sliced jobs."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update); this
+    many in a row stop the stage with an error (the run has diverged)."""
 
     def __post_init__(self):
         for name in ("train_iters", "micro_batch_size", "global_batch_size", "eval_iters",
-                     "log_interval"):
+                     "log_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", "must be >= 1", "use a positive integer")
         if self.optimizer.lr_warmup_iters >= self.train_iters:
@@ -99,6 +102,9 @@ class CheckpointConfig:
     config replaces the model section. Resuming from checkpoint.save wins over this."""
     finetune: bool = True
     """With load: take weights only (fresh optimizer, step 0). False continues its run state."""
+    verify: bool = True
+    """Check every file of a checkpoint against the hashes in its minitron.json before loading
+    it (resume, checkpoint.load, teachers); false skips the check."""
 
     def __post_init__(self):
         if self.keep_last < 1:

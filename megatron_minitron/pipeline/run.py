@@ -18,6 +18,7 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.pipeline import stages
 from megatron_minitron.runtime.distributed import barrier, process_group_held
+from megatron_minitron.runtime.run_lock import hold_run_dir
 
 MARKER = "stage.json"
 
@@ -109,7 +110,7 @@ def run_pipeline(cfg: MinitronConfig) -> Dict:
     """Every stage, in order; returns the summary (also run.dir/summary.json)."""
     p = cfg.pipeline
     run_dir = Path(cfg.run.dir)
-    with process_group_held(cfg.runtime) as (rank, _):
+    with process_group_held(cfg.runtime) as (rank, _), hold_run_dir(cfg.run.dir, rank):
         runner = StageRunner(run_dir, p.force, rank)
         teacher = runner.run("teacher", lambda out: stages.import_teacher(cfg, out))
         tokens = 0

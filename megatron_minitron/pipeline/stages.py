@@ -142,6 +142,7 @@ def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
     from megatron_minitron.training.data_source import resolve_tokenizer
 
     imp = cfg.importance
+    ckpt.verified(checkpoint, "checkpoint.load", cfg.checkpoint.verify)
     header = ckpt.read_header(checkpoint)
     cfg = dataclasses.replace(cfg, model=header.model)  # its architecture, checked vs layout
     ctx = initialize(cfg.parallel, cfg.runtime)
@@ -168,6 +169,7 @@ def prune(cfg: MinitronConfig, checkpoint: str, scores: Optional[str], output: s
     from megatron_minitron.pruning.slicing import prune_checkpoint
     from megatron_minitron.runtime.distributed import initialize, teardown
 
+    ckpt.verified(checkpoint, "checkpoint.load", cfg.checkpoint.verify)
     ctx = initialize(ParallelConfig(), cfg.runtime)
     try:
         path = prune_checkpoint(checkpoint, scores, cfg.prune, output, ctx, cfg.runtime)
@@ -195,6 +197,8 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
     from megatron_minitron.eval.suite import evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown
 
+    for path in checkpoints.values():
+        ckpt.verified(path, "checkpoint.load", cfg.checkpoint.verify)
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
         tok = checkpoint_tokenizer(next(iter(checkpoints.values())))

@@ -12,6 +12,7 @@ from megatron_minitron.models.builder import build_model
 from megatron_minitron.runtime.device import (choose_precision, resolve_attention_impl,
                                               resolve_transformer_impl)
 from megatron_minitron.runtime.distributed import ParallelContext, initialize, teardown
+from megatron_minitron.runtime.run_lock import hold_run_dir
 from megatron_minitron.training.data_source import build_source, resolve_tokenizer
 from megatron_minitron.training.lm_step import LMStep
 from megatron_minitron.training.loop import LoopState
@@ -36,16 +37,17 @@ def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: Step
                  ) -> LoopState:
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
-        start = find_start(cfg)
-        cfg = adopt_model_config(cfg, start, model_overridden)
-        write_resolved_config(cfg, ctx.rank)
-        tok = resolve_tokenizer(cfg, start.header)
-        make_step = step_factory(cfg, ctx)
-        data = build_source(cfg, ctx, tok)
-        trainer, state = build_trainer(cfg, ctx, start, make_step, data, tok.describe())
-        state = trainer.run(state)
-        trainer.writer.close()
-        return state
+        with hold_run_dir(cfg.run.dir, ctx.rank):
+            start = find_start(cfg)
+            cfg = adopt_model_config(cfg, start, model_overridden)
+            write_resolved_config(cfg, ctx.rank)
+            tok = resolve_tokenizer(cfg, start.header)
+            make_step = step_factory(cfg, ctx)
+            data = build_source(cfg, ctx, tok)
+            trainer, state = build_trainer(cfg, ctx, start, make_step, data, tok.describe())
+            state = trainer.run(state)
+            trainer.writer.close()
+            return state
     finally:
         teardown()
 
@@ -63,6 +65,7 @@ def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
     if not d.teacher_checkpoint:
         raise ConfigError("distill.teacher_checkpoint", "no teacher given",
                           "set distill.teacher_checkpoint=CKPT (one of our checkpoints)")
+    ckpt.verified(d.teacher_checkpoint, "distill.teacher_checkpoint", cfg.checkpoint.verify)
     header = ckpt.read_header(d.teacher_checkpoint)
     check_vocabularies(header, cfg)
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -83,7 +86,8 @@ def kd_step(cfg: MinitronConfig, ctx: ParallelContext):
 
         runtime = dataclasses.replace(runtime, precision=d.teacher_precision)
     teacher = build_model(header.model, cfg.parallel, runtime, ctx.device)
-    ckpt.load(d.teacher_checkpoint, teacher)
+    ckpt.load(d.teacher_checkpoint, teacher, field="distill.teacher_checkpoint",
+              verify=cfg.checkpoint.verify)
     for t in teacher:
         t.eval().requires_grad_(False)
     return lambda chunks: KDStep(d, teacher[0], chunks[0], ctx.tp_group, cfg.model.vocab_size,

@@ -1,6 +1,7 @@
 """The one training loop. Pretraining, teacher correction and distillation differ only in the
 step object (LMStep, KDStep) that turns a micro-batch into a loss."""
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol
@@ -14,6 +15,8 @@ from megatron_minitron.runtime.distributed import ParallelContext
 from megatron_minitron.runtime.signals import PreemptionFlag, Requeue
 from megatron_minitron.training.metrics import MetricsWriter
 from megatron_minitron.runtime.progress import Progress
+from megatron_minitron.training.nonfinite import (NonFiniteError, NonFiniteGuard,
+                                                  first_nonfinite, guarded_step)
 
 
 class DataSource(Protocol):
@@ -88,10 +91,12 @@ class Trainer:
         for c in self.chunks:
             c.train()
         reports = self._schedule(data_iterator, False, self.num_microbatches)
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=self.cfg.train.global_batch_size)
         out = self._reduce(reports)
-        out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        updated, out["grad_norm"] = guarded_step(
+            self.optimizer, all(math.isfinite(v) for v in out.values()))
+        if updated:
+            self.scheduler.step(increment=self.cfg.train.global_batch_size)
+        out["skipped"] = 0.0 if updated else 1.0
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
@@ -106,6 +111,12 @@ class Trainer:
         return {f"valid_{k}": v for k, v in self._reduce(reports).items()}
 
     def save(self, state: LoopState) -> None:
+        bad = first_nonfinite(self.chunks, self.optimizer, self.ctx.device)
+        if bad is not None:
+            raise NonFiniteError(
+                "train.optimizer.lr", f"not saving step {state.step}: {bad} holds NaN/inf (the "
+                f"run diverged); {self.checkpoint_root} keeps its last finite checkpoint",
+                "lower train.optimizer.lr or set train.optimizer.clip_grad > 0, then rerun")
         ckpt.save(self.checkpoint_root, state.step, self.chunks, self.make_header(state),
                   optimizer=self.optimizer, scheduler=self.scheduler,
                   keep_last=self.cfg.checkpoint.keep_last, ctx=self.ctx)
@@ -117,6 +128,7 @@ class Trainer:
         progress = Progress(t.train_iters, state.step, self.ctx.is_logging_rank and
                             self.cfg.logger.progress_bar)
         it = self._iterators(lambda: self.data.train_iterator(state.consumed_samples))
+        guard = NonFiniteGuard(t.max_nonfinite_steps, t.optimizer.lr)
         ran = 0
         try:
             while state.step < t.train_iters:
@@ -128,12 +140,16 @@ class Trainer:
                 losses["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
                 losses["consumed_tokens"] = state.consumed_samples * self.cfg.data.seq_length
                 state.last_losses = losses
+                guard.update(state.step, bool(losses["skipped"]), losses)
+                losses["skipped_steps"] = float(guard.total)
                 if t.eval_interval and state.step % t.eval_interval == 0 \
                         and state.step < t.train_iters:
                     state.last_valid = self.evaluate()
                     losses.update(state.last_valid)
-                if state.step % t.log_interval == 0 or state.step == t.train_iters:
+                if state.step % t.log_interval == 0 or state.step == t.train_iters or \
+                        guard.consecutive:
                     self.writer.log(state.step, losses)
+                guard.check()
                 progress.update(state.step, {k: losses[k] for k in self.step.loss_names})
                 interval = self.cfg.checkpoint.save_interval
                 if interval and state.step % interval == 0 and state.step < t.train_iters:

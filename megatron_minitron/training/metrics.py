@@ -1,6 +1,7 @@
 """Where numbers go: metrics.jsonl (always), W&B (optional, offline by default), the console."""
 
 import json
+import math
 import os
 import secrets
 import time
@@ -32,7 +33,7 @@ class MetricsWriter:
             return
         record = {"step": step, **{k: float(v) for k, v in values.items()}, "time": time.time()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict_record(record), allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
@@ -40,6 +41,18 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+NONFINITE_KEY = "nonfinite"
+"""In a metrics record: the names of the values that were NaN/inf, written as null (JSON has no
+NaN); read_metrics turns them back into NaN."""
+
+
+def strict_record(record: Dict[str, float]) -> Dict:
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, NONFINITE_KEY: bad}
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -53,7 +66,11 @@ def truncate_after(path: Path, step: int) -> None:
 
 def read_metrics(run_dir: str):
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in records:
+        for k in r.pop(NONFINITE_KEY, []):
+            r[k] = math.nan
+    return records
 
 
 WANDB_ID_FILE = "wandb_run_id"

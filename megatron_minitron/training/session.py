@@ -29,11 +29,14 @@ def checkpoint_root(cfg: MinitronConfig) -> str:
 
 
 def find_start(cfg: MinitronConfig) -> StartPoint:
-    """Resuming this run's own checkpoints wins over checkpoint.load."""
-    own = ckpt.resolve(checkpoint_root(cfg))
+    """Resuming this run's own checkpoints wins over checkpoint.load. The newest of them that
+    verifies is resumed (a damaged one is named and skipped)."""
+    own_field = "checkpoint.save" if cfg.checkpoint.save else "run.dir"
+    own = ckpt.resolve_intact(checkpoint_root(cfg), own_field, cfg.checkpoint.verify)
     if own is not None:
         return StartPoint(resume=str(own), header=ckpt.read_header(str(own)))
     if cfg.checkpoint.load:
+        ckpt.verified(cfg.checkpoint.load, "checkpoint.load", cfg.checkpoint.verify)
         return StartPoint(init=cfg.checkpoint.load, header=ckpt.read_header(cfg.checkpoint.load))
     return StartPoint()
 
@@ -69,14 +72,16 @@ def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
     main params are copied from loaded weights), then a resume restores all of it."""
     raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
     if start.init:
-        ckpt.load(start.init, raw, ctx=ctx)
+        ckpt.load(start.init, raw, ctx=ctx, verify=cfg.checkpoint.verify)
     step = make_step(raw)
     chunks = wrap_ddp(raw)
     optimizer, scheduler = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
     attach_schedule_hooks(chunks, optimizer)
     state = LoopState()
     if start.resume:
-        h = ckpt.load(start.resume, chunks, optimizer=optimizer, scheduler=scheduler, ctx=ctx)
+        h = ckpt.load(start.resume, chunks, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
+                      field="checkpoint.save" if cfg.checkpoint.save else "run.dir",
+                      verify=cfg.checkpoint.verify)
         state = LoopState(step=h.step, consumed_samples=h.consumed_samples)
     writer = MetricsWriter(cfg.run.dir, cfg.logger, ctx.rank == 0, config_dict,
                            resume_step=state.step)
