@@ -6,12 +6,13 @@ import sys
 from dataclasses import replace
 from typing import List
 
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
-    cfg = load_config(override_list(overrides))
+    cfg = check("eval", load_config(override_list(overrides)))
     from megatron_minitron.checkpoint.dist import read_header
     from megatron_minitron.eval.suite import evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown

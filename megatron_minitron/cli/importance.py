@@ -4,12 +4,13 @@ and layers on calibration data (or with a data-free baseline); rank 0 writes the
 import os
 from typing import List
 
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
-    cfg = load_config(override_list(overrides))
+    cfg = check("importance", load_config(override_list(overrides)))
     from megatron_minitron.pipeline.stages import score
 
     checkpoint = cfg.importance.checkpoint or cfg.checkpoint.load

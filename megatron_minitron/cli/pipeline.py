@@ -4,6 +4,7 @@ export -> report under run.dir; rerun the same command to resume after a crash."
 import os
 from typing import Dict, List
 
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.loader import load_config, override_list
 
 
@@ -27,7 +28,7 @@ def main(overrides: List[str]) -> None:
     if not any(o.lstrip("+~").startswith("experiment=") for o in overrides):
         print(f"minitron pipeline: no experiment given, using experiment={DEFAULT_EXPERIMENT}")
         overrides = [f"experiment={DEFAULT_EXPERIMENT}", *overrides]
-    cfg = load_config(overrides)
+    cfg = check("pipeline", load_config(overrides))
     from megatron_minitron.pipeline.run import run_pipeline
     from megatron_minitron.pipeline.stages import StageIncomplete
 

@@ -5,13 +5,14 @@ from pathlib import Path
 import os
 from typing import List
 
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
     overrides = override_list(overrides)
-    cfg = load_config(overrides)
+    cfg = check("prune", load_config(overrides))
     from megatron_minitron.pipeline.stages import prune
 
     checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -57,4 +58,17 @@ def resolve_transformer_impl(cfg: RuntimeConfig) -> str:
             raise ConfigError("runtime.transformer_impl", status,
                               "set runtime.transformer_impl=local (or auto)")
         return "transformer_engine"
-    return "transformer_engine" if status == "ok" else "local"
+    impl = "transformer_engine" if status == "ok" else "local"
+    say_once(f"minitron: runtime.transformer_impl=auto chose {impl}: " + (
+        "Transformer-Engine imports and CUDA is visible" if status == "ok" else status))
+    return impl
+
+
+_said = set()
+
+
+def say_once(message: str) -> None:
+    """A choice made for the user, told once per process on stderr (rank 0 only)."""
+    if message not in _said and os.environ.get("RANK", "0") == "0":
+        _said.add(message)
+        print(message, file=sys.stderr)

@@ -34,7 +34,10 @@ def find_start(cfg: MinitronConfig) -> StartPoint:
     if own is not None:
         return StartPoint(resume=str(own), header=ckpt.read_header(str(own)))
     if cfg.checkpoint.load:
-        return StartPoint(init=cfg.checkpoint.load, header=ckpt.read_header(cfg.checkpoint.load))
+        header = ckpt.read_header(cfg.checkpoint.load)
+        if not cfg.checkpoint.finetune:  # continue its run: step, samples, optimizer, schedule
+            return StartPoint(resume=str(ckpt.resolve(cfg.checkpoint.load)), header=header)
+        return StartPoint(init=cfg.checkpoint.load, header=header)
     return StartPoint()
 
 

@@ -1,0 +1,52 @@
+"""Paths a user gives, checked before any work: each error names the field that held the path."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from megatron_minitron.config.errors import ConfigError
+
+
+def existing_file(path: str, field: str, what: str = "file") -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(field, f"{path} is a folder, not a {what}", f"give the {what}'s path")
+    if not p.is_file():
+        raise ConfigError(field, f"{path} does not exist", f"fix the path to the {what}")
+    return p
+
+
+def existing_files(paths: Iterable[str], field: str, what: str = "file") -> None:
+    for path in paths:
+        existing_file(path, field, what)
+
+
+def writable_dir(path: str, field: str) -> Path:
+    """A folder that exists (made here if missing) and takes new files."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(field, f"{path} is an existing file, not a folder",
+                          "give a folder path (or move the file away)")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(field, f"{parent} (a parent of {path}) is a file",
+                              "give a folder path whose parents are folders")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise ConfigError(field, f"{path} is not writable ({e.strerror or e})",
+                          "choose a writable folder") from e
+    return p
+
+
+def new_file(path: str, field: str) -> Path:
+    """A file to be (over)written: not a folder, its parent folder writable."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(field, f"{path} is a folder, not a file",
+                          "give a file path inside the folder")
+    writable_dir(str(p.parent), field)
+    return p
