@@ -5,49 +5,22 @@ Cases run in-process through the CLI's own `main(argv)` with stdout and stderr c
 user's terminal shows); the fixtures (a tiny checkpoint, its scores, damaged copies, data files)
 are built once for the module."""
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
+
+from cli_process import minitron_in_process as cli
 
 FAST = ["data.tokenizer.type=byte", "data.seq_length=32", "train.micro_batch_size=2",
         "train.global_batch_size=2", "train.eval_interval=0", "train.eval_iters=1",
         "logger.backend=none", "logger.progress_bar=false", "train.optimizer.lr_warmup_iters=0",
         "train.train_iters=1"]
-
-
-class Runaway(BaseException):
-    """A case that got past its check and started the stage's real work."""
-
-
-def _runaway(signum, frame):
-    raise Runaway("the stage was still running after its time limit: no check stopped it")
-
 CASE_LIMIT_S = 30
 """Far above what any check needs; a case reaching real work (a pipeline) is stopped here."""
-
-
-def cli(*argv, limit_s: int = 0):
-    """(exit code, stdout, stderr) of `minitron *argv`, run in this process; a run longer than
-    limit_s seconds is aborted with Runaway."""
-    from megatron_minitron.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old = signal.signal(signal.SIGALRM, _runaway)
-    signal.alarm(limit_s)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main([str(a) for a in argv])
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _copy_checkpoint(src: Path, dst: Path, damage) -> Path:
@@ -60,7 +33,7 @@ def _copy_checkpoint(src: Path, dst: Path, damage) -> Path:
 def fx(tmp_path_factory):
     """Inputs every case may use (paths by name), built once; read-only for the cases."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    os.environ["MINITRON_TRACEBACK"] = "1"  # a case that escapes the handler must show it
+    shown = os.environ.pop("MINITRON_TRACEBACK", None)  # an escaped error must show its trace
     rc, _, err = cli("train", *FAST, f"run.dir={root / 'teacher'}")
     assert rc == 0, err
     ckpt = root / "teacher" / "checkpoints"
@@ -103,7 +76,9 @@ def fx(tmp_path_factory):
     prev.mkdir()
     shutil.copy(root / "teacher" / "metrics.jsonl", prev / "metrics.jsonl")
     shutil.copy(root / "teacher" / "config.yaml", prev / "config.yaml")
-    return {"root": root, "ckpt": ckpt, "step": step, "run": prev}
+    yield {"root": root, "ckpt": ckpt, "step": step, "run": prev}
+    if shown is not None:
+        os.environ["MINITRON_TRACEBACK"] = shown
 
 
 def _hashes(root: Path):

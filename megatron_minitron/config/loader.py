@@ -58,7 +58,7 @@ def check_group_options(overrides: Sequence[str]) -> None:
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
         folder = conf_dir() / key
-        if key not in ("experiment", "model") or not value or value == "null" or not folder.is_dir():
+        if key not in ("experiment", "model") or value in ("", "null") or not folder.is_dir():
             continue
         shipped = sorted(p.stem for p in folder.glob("*.yaml"))
         if value not in shipped:
