@@ -381,3 +381,23 @@ def test_bad_input_is_a_named_error(fx, name, stage, args, field, fix):
     assert len(line) == 1, err
     assert f"{field}" in line[0] and fix in line[0], line[0]
     assert _hashes(fx["root"]) == before
+
+
+def test_loader_errors_outside_exception_are_caught_and_interrupts_are_not(monkeypatch, capsys):
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from megatron_minitron.cli.errors import EXIT_ERROR, run_stage
+
+    def raise_(e):
+        def stage(overrides):
+            raise e
+        return stage
+
+    monkeypatch.setenv("MINITRON_TRACEBACK", "0")
+    failure = CheckpointException("load failed", {0: _wrap_exception(ValueError("torn"))})
+    assert run_stage(raise_(failure), []) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CheckpointException" in err[0]
+    for e in (KeyboardInterrupt(), SystemExit(5)):
+        with pytest.raises(type(e)):
+            run_stage(raise_(e), [])
