@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 from megatron_minitron.checkpoint.readable import check_readable
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
-from megatron_minitron.config.paths import existing_file, existing_files, new_file, writable_dir
+from megatron_minitron.config.paths import existing_file, new_file, utf8_files, writable_dir
 from megatron_minitron.config.schema import MinitronConfig
 
 
@@ -40,7 +40,7 @@ def positions(cfg: MinitronConfig, model: Optional[ModelConfig]) -> None:
 
 
 def eval_inputs(cfg: MinitronConfig) -> None:
-    existing_files(cfg.eval.text_files, "eval.text_files", "text file")
+    utf8_files(cfg.eval.text_files, "eval.text_files")
     if cfg.eval.tasks:
         from megatron_minitron.eval.lm_eval_adapter import check_tasks
 

@@ -17,9 +17,17 @@ def existing_file(path: str, field: str, what: str = "file") -> Path:
     return p
 
 
-def existing_files(paths: Iterable[str], field: str, what: str = "file") -> None:
+def utf8_files(paths: Iterable[str], field: str) -> None:
+    """Text files that exist and decode as UTF-8 (read whole: eval texts are small)."""
     for path in paths:
-        existing_file(path, field, what)
+        raw = existing_file(path, field, "text file").read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = 1 + raw.count(b"\n", 0, e.start)
+            raise ConfigError(field, f"{path}:{line} is not UTF-8 (byte 0x{raw[e.start]:02x})",
+                              "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 IN "
+                              "> OUT`") from e
 
 
 def writable_dir(path: str, field: str) -> Path:
