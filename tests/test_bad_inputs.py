@@ -38,9 +38,11 @@ def fx(tmp_path_factory):
     assert rc == 0, err
     ckpt = root / "teacher" / "checkpoints"
     step = ckpt / (ckpt / "latest").read_text().strip()
-    rc, _, err = cli("importance", *FAST, "importance.num_samples=2",
-                     f"importance.checkpoint={ckpt}", f"importance.output={root / 'scores.st'}")
-    assert rc == 0, err
+    for name, blocks in (("scores.st", "[1]"), ("scores_noblocks.st", "[]")):
+        rc, _, err = cli("importance", *FAST, "importance.num_samples=2", f"importance.checkpoint"
+                         f"={ckpt}", f"importance.output={root / name}",
+                         f"importance.block_sizes={blocks}")
+        assert rc == 0, err
     scores = (root / "scores.st").read_bytes()
     (root / "scores_truncated.st").write_bytes(scores[: len(scores) // 2])
     (root / "scores_random.st").write_bytes(os.urandom(4096))
@@ -149,6 +151,10 @@ CASES = [
      "step_* folder"),
     ("save_under_file", "train", ["checkpoint.save={root}/a_file/ckpts"], "checkpoint.save",
      "folder"),
+    ("tp_above_world", "train", ["parallel.tensor_model_parallel_size=2"],
+     "parallel.tensor_model_parallel_size", "processes"),
+    ("data_weights_count", "train", ["data.paths=[{root}/a,{root}/b]", "data.weights=[1.0]"],
+     "data.weights", "one weight per path"),
     # --- data
     ("data_input_missing", "data", ["preprocess.input=[{root}/no.jsonl]"], "preprocess.input",
      "Fix:"),
@@ -223,6 +229,8 @@ CASES = [
     ("importance_output_is_dir", "importance",
      ["importance.checkpoint={ckpt}", "importance.output={root}/empty_dir"],
      "importance.output", "Fix:"),
+    ("importance_source", "importance", ["importance.checkpoint={ckpt}", "importance.source=guess"],
+     "importance.source", "Fix:"),
     ("importance_header_list", "importance", ["importance.checkpoint={root}/header_list"],
      "importance.checkpoint", "minitron.json"),
     ("importance_output_under_file", "importance",
@@ -256,6 +264,12 @@ CASES = [
     ("prune_drop_layers_range", "prune",
      ["prune.checkpoint={ckpt}", "prune.depth_mode=list", "prune.drop_layers=[9]",
       "prune.target.num_layers=3"], "prune.drop_layers", "Fix:"),
+    ("prune_budget_above_source", "prune",
+     ["prune.checkpoint={ckpt}", "prune.scores={root}/scores.st", "prune.param_budget=1000000000"],
+     "prune.param_budget", "Fix:"),
+    ("prune_block_without_block_scores", "prune",
+     ["prune.checkpoint={ckpt}", "prune.scores={root}/scores_noblocks.st",
+      "prune.depth_mode=block", "prune.target.num_layers=2"], "prune.depth_mode", "Fix:"),
     ("prune_output_is_file", "prune",
      ["prune.checkpoint={ckpt}", "prune.scores={root}/scores.st",
       "prune.target.ffn_hidden_size=96", "prune.output={root}/a_file"], "prune.output",
@@ -288,6 +302,10 @@ CASES = [
     ("search_budget_zero", "search", ["search.param_budget=0"], "search.param_budget", "Fix:"),
     ("search_source_missing", "search", ["search.checkpoint={root}/no_ckpt"],
      "search.checkpoint", "Fix:"),
+    ("search_metric", "search", ["search.checkpoint={ckpt}", "search.metric=accuracy"],
+     "search.metric", "Fix:"),
+    ("search_tolerance", "search", ["search.checkpoint={ckpt}", "search.tolerance=2"],
+     "search.tolerance", "Fix:"),
     ("search_no_budget", "search", ["search.checkpoint={ckpt}"], "search.param_budget",
      "set search.param_budget"),
     ("search_no_checkpoint", "search", ["search.param_budget=100000"], "search.checkpoint",
@@ -326,6 +344,8 @@ CASES = [
     ("eval_task_paths_missing", "eval",
      ["eval.checkpoint={ckpt}", "eval.tasks=[minitron_next_line]",
       "eval.task_paths=[{root}/no_tasks]"], "eval.task_paths", "Fix:"),
+    ("eval_micro_batch_zero", "eval", ["eval.checkpoint={ckpt}", "eval.micro_batch_size=0"],
+     "eval.micro_batch_size", "positive"),
     ("eval_num_samples_zero", "eval", ["eval.checkpoint={ckpt}", "eval.num_samples=0"],
      "eval.num_samples", "positive"),
     ("eval_seq_length", "eval", ["eval.checkpoint={ckpt}", "data.seq_length=513"],

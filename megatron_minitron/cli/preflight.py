@@ -73,7 +73,13 @@ def importance(cfg: MinitronConfig) -> None:
 
 
 def prune(cfg: MinitronConfig) -> None:
-    checkpoint(cfg, cfg.prune.checkpoint, "prune.checkpoint")
+    src, p = checkpoint(cfg, cfg.prune.checkpoint, "prune.checkpoint"), cfg.prune
+    if p.param_budget is not None:
+        n = src.num_parameters(include_embeddings=p.budget_include_embeddings)
+        if p.param_budget >= n:
+            raise ConfigError("prune.param_budget", f"{p.param_budget:,} is not below the "
+                              f"source's {n:,} parameters, so nothing would be pruned",
+                              f"use a budget below {n:,}")
     if cfg.prune.scores:
         from megatron_minitron.importance.scores import load_scores
 
