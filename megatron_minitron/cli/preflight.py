@@ -113,7 +113,11 @@ def pipeline(cfg: MinitronConfig) -> None:
     teacher = cfg.pipeline.teacher
     if teacher == "init":
         positions(cfg, cfg.model)
-    elif teacher != "smollm2" and not (Path(teacher).expanduser() / "config.json").is_file():
+    elif (Path(teacher).expanduser() / "config.json").is_file():
+        from megatron_minitron.checkpoint.hf import check_hf_folder
+
+        positions(cfg, check_hf_folder(teacher))
+    elif teacher != "smollm2":
         positions(cfg, check_readable(teacher, "pipeline.teacher").model)
     eval_inputs(cfg)
     writable_dir(cfg.run.dir, "run.dir")
