@@ -47,6 +47,9 @@ def fx(tmp_path_factory):
     (root / "scores_truncated.st").write_bytes(scores[: len(scores) // 2])
     (root / "scores_random.st").write_bytes(os.urandom(4096))
     (root / "scores_empty.st").write_bytes(b"")
+    (root / "damaged_run" / "importance").mkdir(parents=True)
+    shutil.copy(root / "scores_truncated.st",
+                root / "damaged_run" / "importance" / "scores.safetensors")
     _copy_checkpoint(step, root / "empty_common", lambda d: (d / "common.pt").write_bytes(b""))
     _copy_checkpoint(step, root / "bad_header", lambda d: (d / "minitron.json").write_text("{"))
     _copy_checkpoint(step, root / "header_list",
@@ -254,6 +257,9 @@ CASES = [
     ("prune_scores_empty", "prune",
      ["prune.checkpoint={ckpt}", "prune.scores={root}/scores_empty.st",
       "prune.target.ffn_hidden_size=96"], "prune.scores", "minitron importance"),
+    ("prune_run_dir_scores_truncated", "prune",
+     ["prune.checkpoint={ckpt}", "run.dir={root}/damaged_run", "prune.target.ffn_hidden_size=96"],
+     "prune.scores", "minitron importance"),
     ("prune_target_zero", "prune", ["prune.checkpoint={ckpt}", "prune.target.hidden_size=0"],
      "prune.target.hidden_size", "positive"),
     ("prune_target_grows", "prune",

@@ -7,7 +7,6 @@ from dataclasses import replace
 from typing import List
 
 from megatron_minitron.cli.preflight import check
-from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import load_config, override_list
 
 
@@ -18,10 +17,7 @@ def main(overrides: List[str]) -> None:
     from megatron_minitron.runtime.distributed import initialize, teardown
     from megatron_minitron.training.data_source import resolve_tokenizer
 
-    checkpoint = cfg.eval.checkpoint or cfg.checkpoint.load
-    if checkpoint is None:
-        raise ConfigError("eval.checkpoint", "no checkpoint to evaluate",
-                          "set eval.checkpoint or checkpoint.load")
+    checkpoint = cfg.eval.checkpoint or cfg.checkpoint.load  # preflight: one is set
     header = read_header(checkpoint)
     cfg = replace(cfg, model=header.model)  # the checkpoint's architecture, checked vs layout
     output = cfg.eval.output or f"{cfg.run.dir}/eval"

@@ -5,7 +5,6 @@ import os
 from typing import List
 
 from megatron_minitron.cli.preflight import check
-from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import load_config, override_list
 
 
@@ -13,10 +12,7 @@ def main(overrides: List[str]) -> None:
     cfg = check("importance", load_config(override_list(overrides)))
     from megatron_minitron.pipeline.stages import score
 
-    checkpoint = cfg.importance.checkpoint or cfg.checkpoint.load
-    if checkpoint is None:
-        raise ConfigError("importance.checkpoint", "no checkpoint to score",
-                          "set importance.checkpoint or checkpoint.load")
+    checkpoint = cfg.importance.checkpoint or cfg.checkpoint.load  # preflight: one is set
     output = cfg.importance.output or f"{cfg.run.dir}/importance/scores.safetensors"
     score(cfg, checkpoint, output)
     if os.environ.get("RANK", "0") == "0":

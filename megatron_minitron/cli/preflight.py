@@ -39,6 +39,16 @@ def positions(cfg: MinitronConfig, model: Optional[ModelConfig]) -> None:
                           f"use data.seq_length <= {model.max_position_embeddings}")
 
 
+def scores(cfg: MinitronConfig, *candidates: Tuple[Optional[str], str]) -> None:
+    """The scores file the stage will read: the first field set, else RUN_DIR's if present."""
+    from megatron_minitron.importance.scores import load_scores
+
+    path, field = source(*candidates)
+    default = Path(cfg.run.dir) / "importance" / "scores.safetensors"
+    if path or default.is_file():
+        load_scores(path or str(default), field)
+
+
 def eval_inputs(cfg: MinitronConfig) -> None:
     utf8_files(cfg.eval.text_files, "eval.text_files")
     if cfg.eval.tasks:
@@ -80,10 +90,7 @@ def prune(cfg: MinitronConfig) -> None:
             raise ConfigError("prune.param_budget", f"{p.param_budget:,} is not below the "
                               f"source's {n:,} parameters, so nothing would be pruned",
                               f"use a budget below {n:,}")
-    if cfg.prune.scores:
-        from megatron_minitron.importance.scores import load_scores
-
-        load_scores(cfg.prune.scores, "prune.scores")
+    scores(cfg, (p.scores, "prune.scores"))
     writable_dir(cfg.prune.output or cfg.run.dir, "prune.output" if cfg.prune.output else "run.dir")
 
 
@@ -93,11 +100,7 @@ def search(cfg: MinitronConfig) -> None:
                          (cfg.checkpoint.load, "checkpoint.load"))
     if path is not None:
         positions(cfg, check_readable(path, field).model)
-    scores, field = source((cfg.search.scores, "search.scores"), (cfg.prune.scores, "prune.scores"))
-    if scores:
-        from megatron_minitron.importance.scores import load_scores
-
-        load_scores(scores, field)
+    scores(cfg, (cfg.search.scores, "search.scores"), (cfg.prune.scores, "prune.scores"))
     if cfg.distill.teacher_checkpoint:
         check_readable(cfg.distill.teacher_checkpoint, "distill.teacher_checkpoint")
     writable_dir(cfg.run.dir, "run.dir")

@@ -6,7 +6,6 @@ import os
 from typing import List
 
 from megatron_minitron.cli.preflight import check
-from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.loader import load_config, override_list
 
 
@@ -15,10 +14,7 @@ def main(overrides: List[str]) -> None:
     cfg = check("prune", load_config(overrides))
     from megatron_minitron.pipeline.stages import prune
 
-    checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load
-    if checkpoint is None:
-        raise ConfigError("prune.checkpoint", "no checkpoint to prune",
-                          "set prune.checkpoint or checkpoint.load")
+    checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load  # preflight: one is set
     scores = cfg.prune.scores or f"{cfg.run.dir}/importance/scores.safetensors"
     if cfg.prune.scores is None and not Path(scores).is_file():
         scores = None  # fine while no axis is ranked; the plan says so otherwise
