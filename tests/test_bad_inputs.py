@@ -415,7 +415,7 @@ def test_bad_input_is_a_named_error(fx, name, stage, args, field, fix):
     assert rc == 2, (rc, err)
     line = [ln for ln in err.splitlines() if ln.startswith("minitron: error:")]
     assert len(line) == 1, err
-    assert f"{field}" in line[0] and fix in line[0], line[0]
+    assert field in line[0] and "Fix:" in line[0] and fix in line[0], line[0]
     assert _hashes(fx["root"]) == before
 
 
