@@ -1,7 +1,10 @@
 """Run `minitron STAGE ...` as a child process the way users do, and read its metrics."""
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +34,28 @@ def losses(run_dir):
         if "lm_loss" in rec:
             out[rec["step"]] = rec["lm_loss"]
     return out
+
+
+class Runaway(BaseException):
+    """A case that got past its check and started the stage's real work."""
+
+
+def _runaway(signum, frame):
+    raise Runaway("the stage was still running after its time limit: no check stopped it")
+
+
+def minitron_in_process(*argv, limit_s: int = 0):
+    """(exit code, stdout, stderr) of `minitron *argv`, run in this process; a run longer than
+    limit_s seconds is aborted with Runaway."""
+    from megatron_minitron.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = signal.signal(signal.SIGALRM, _runaway)
+    signal.alarm(limit_s)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a) for a in argv])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    return rc, out.getvalue(), err.getvalue()

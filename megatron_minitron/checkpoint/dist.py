@@ -72,12 +72,22 @@ def resolve(path: str) -> Optional[Path]:
     return None
 
 
-def read_header(path: str) -> CheckpointHeader:
+def read_header(path: str, field: str = "checkpoint.load") -> CheckpointHeader:
+    """`field`: the config field that gave `path`, named in the error when it is wrong."""
     p = resolve(path)
     if p is None:
-        raise ConfigError("checkpoint.load", f"no complete checkpoint at {path} (no {HEADER} "
+        raise ConfigError(field, f"no complete checkpoint at {path} (no {HEADER} "
                           f"and no '{LATEST}' pointer)", "point to a step_* folder or its root")
-    return CheckpointHeader.from_json((p / HEADER).read_text())
+    return parse_header(p, field)
+
+
+def parse_header(step: Path, field: str = "checkpoint.load") -> CheckpointHeader:
+    try:
+        return CheckpointHeader.from_json((step / HEADER).read_text())
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        raise ConfigError(field, f"{step / HEADER} is not a valid checkpoint header "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          "point to an intact checkpoint (or its previous step_* folder)") from e
 
 
 def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
@@ -189,7 +199,7 @@ def _load(p: Path, chunks, optimizer, scheduler, ctx, strict) -> CheckpointHeade
 
     from megatron_minitron.models.builder import unwrap
 
-    header = CheckpointHeader.from_json((p / HEADER).read_text())
+    header = parse_header(p)
     sd: Dict[str, Any] = {"model": model_sharded_state_dict(chunks)}
     _check_shapes(sd["model"], p, header)
     same_layout = ctx is not None and header.layout == {

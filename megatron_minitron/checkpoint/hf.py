@@ -7,6 +7,7 @@ TP/PP. Names live in hf_keymap; this module owns files, dtypes and the model rou
 
 import json
 import shutil
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,6 +34,15 @@ def _read_json(path: Path) -> Dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(str(path), f"not valid JSON ({e})", "fix or re-download it") from e
+
+
+def check_hf_folder(hf_dir: str) -> ModelConfig:
+    """The model an HF folder holds, from config.json and the weight index, read before any
+    work; errors name the file and key."""
+    src = Path(hf_dir).expanduser()
+    cfg = keymap.model_config_from_hf(_read_json(src / "config.json"), str(src / "config.json"))
+    _weight_files(src)
+    return cfg
 
 
 def _weight_files(hf_dir: Path) -> Dict[str, Path]:
@@ -107,9 +117,22 @@ class _SingleProcessModel:
             teardown()
 
 
-def _hf_extra(hf_cfg: Dict[str, Any], hf_dir: Path) -> Dict[str, Any]:
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _hf_extra(hf_cfg: Dict[str, Any], hf_dir: Path, handles) -> Dict[str, Any]:
+    """What export needs to give back the model it imported: ids, family, weight dtype, and
+    the config.json fields our model config does not hold (Mistral's sliding window)."""
     extra = {k: hf_cfg.get(k) for k in keymap.TOKEN_ID_FIELDS if hf_cfg.get(k) is not None}
     extra["model_type"] = hf_cfg["model_type"]
+    dtypes = Counter(SAFETENSORS_DTYPES.get(h.get_slice(k).get_dtype())
+                     for h in handles.values() for k in h.keys())
+    dtypes.pop(None, None)
+    if dtypes:
+        extra["dtype"] = dtypes.most_common(1)[0][0]
+    for key in keymap.KEPT_HF_FIELDS.get(hf_cfg["model_type"], ()):
+        if hf_cfg.get(key) is not None:
+            extra[key] = hf_cfg[key]
     if (hf_dir / "generation_config.json").is_file():
         extra["generation_config"] = _read_json(hf_dir / "generation_config.json")
     return extra
@@ -133,6 +156,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, step: int = 0) -> Path:
         with ExitStack() as stack:
             handles = {f: stack.enter_context(safe_open(str(f), framework="pt"))
                        for f in sorted(set(files.values()))}
+            extra = _hf_extra(hf_cfg, src, handles)
             used = set()
             for tm in keymap.tensor_maps(cfg):
                 parts = [_read_tensor(src, name, files, handles, shape)
@@ -146,7 +170,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, step: int = 0) -> Path:
                               f"{len(extra_keys)} tensors have no megatron counterpart",
                               "check config.json describes these weights")
         header = dist_ckpt.CheckpointHeader(model=cfg, tokenizer=tokenizer,
-                                            extra={"hf": _hf_extra(hf_cfg, src)})
+                                            extra={"hf": extra})
         return dist_ckpt.save(str(out), step, model.chunks, header)
     finally:
         model.close()
@@ -166,15 +190,17 @@ def _read_tensor(src: Path, name: str, files: Dict[str, Path], handles, shape) -
     return t.float()
 
 
-def mcore_to_hf(ckpt_path: str, out_dir: str, dtype: str = "bfloat16",
+def mcore_to_hf(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
                 model_type: Optional[str] = None) -> Path:
-    """Write config.json, model.safetensors, generation_config.json and the tokenizer."""
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer.
+    dtype None: the dtype the weights were imported from HF in, else float32 (lossless)."""
     from safetensors.torch import save_file
 
+    header = dist_ckpt.read_header(ckpt_path, "convert.input")
+    cfg, hf_extra = header.model, header.extra.get("hf", {})
+    dtype = dtype or hf_extra.get("dtype") or "float32"
     if dtype not in DTYPES:
         raise ConfigError("convert.dtype", f"unknown {dtype!r}", f"use one of {sorted(DTYPES)}")
-    header = dist_ckpt.read_header(ckpt_path)
-    cfg, hf_extra = header.model, header.extra.get("hf", {})
     model_type = model_type or hf_extra.get("model_type") or keymap.default_model_type(cfg)
     hf_cfg = keymap.hf_config_from_model(cfg, model_type, dtype, hf_extra)
     model = _SingleProcessModel(cfg)

@@ -90,6 +90,10 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
     )
 
 
+KEPT_HF_FIELDS = {"mistral": ("sliding_window", "max_position_embeddings")}
+"""config.json fields recorded at import (header extra["hf"]) and given back at export."""
+
+
 def default_model_type(cfg: ModelConfig) -> str:
     return "qwen2" if cfg.add_qkv_bias else "llama"
 
@@ -155,7 +159,11 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str, dtype: str,
     if model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type == "mistral":
-        hf["sliding_window"] = None
+        window = (extra or {}).get("sliding_window")
+        hf["sliding_window"] = window
+        imported_max = (extra or {}).get("max_position_embeddings")
+        if window and imported_max and cfg.max_position_embeddings == min(imported_max, window):
+            hf["max_position_embeddings"] = imported_max  # import capped it at the window
     else:
         hf.update(use_sliding_window=False, sliding_window=None)
     for key in TOKEN_ID_FIELDS:

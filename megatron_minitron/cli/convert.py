@@ -2,17 +2,17 @@
 
 from typing import List
 
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.convert import ConvertConfig
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def load_convert_config(overrides: List[str]) -> ConvertConfig:
-    return load_config(override_list(overrides)).convert
+    return check("convert", load_config(override_list(overrides))).convert
 
 
 def main(overrides: List[str]) -> None:
     cfg = load_convert_config(overrides)
-    cfg.check_paths()
     from megatron_minitron.checkpoint import hf
 
     if cfg.direction == "hf_to_mcore":

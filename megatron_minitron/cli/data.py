@@ -7,6 +7,7 @@ data.tokenizer under data.cache_dir and print its prefix.
 from pathlib import Path
 from typing import List
 
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.data import DataConfig, PreprocessConfig
 from megatron_minitron.config.loader import load_config, override_list
 
@@ -16,7 +17,7 @@ def main(overrides: List[str]) -> None:
     from megatron_minitron.data.preprocess import preprocess
     from megatron_minitron.data.tokenizer import build_tokenizer
 
-    cfg = load_config(override_list(overrides))
+    cfg = check("data", load_config(override_list(overrides)))
     pre: PreprocessConfig = cfg.preprocess
     data: DataConfig = cfg.data
     tokenizer = build_tokenizer(data.tokenizer)

@@ -6,22 +6,19 @@ import sys
 from dataclasses import replace
 from typing import List
 
-from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
-    cfg = load_config(override_list(overrides))
+    cfg = check("eval", load_config(override_list(overrides)))
     from megatron_minitron.checkpoint.dist import read_header, verified
     from megatron_minitron.eval.suite import evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown
     from megatron_minitron.runtime.run_lock import hold_run_dir
     from megatron_minitron.training.data_source import resolve_tokenizer
 
-    checkpoint = cfg.eval.checkpoint or cfg.checkpoint.load
-    if checkpoint is None:
-        raise ConfigError("eval.checkpoint", "no checkpoint to evaluate",
-                          "set eval.checkpoint or checkpoint.load")
+    checkpoint = cfg.eval.checkpoint or cfg.checkpoint.load  # preflight: one is set
     verified(checkpoint, "eval.checkpoint" if cfg.eval.checkpoint else "checkpoint.load",
              cfg.checkpoint.verify)
     header = read_header(checkpoint)

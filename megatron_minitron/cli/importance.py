@@ -4,20 +4,17 @@ and layers on calibration data (or with a data-free baseline); rank 0 writes the
 import os
 from typing import List
 
-from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
-    cfg = load_config(override_list(overrides))
+    cfg = check("importance", load_config(override_list(overrides)))
     from megatron_minitron.checkpoint.dist import verified
     from megatron_minitron.pipeline.stages import score
     from megatron_minitron.runtime.run_lock import hold_run_dir
 
-    checkpoint = cfg.importance.checkpoint or cfg.checkpoint.load
-    if checkpoint is None:
-        raise ConfigError("importance.checkpoint", "no checkpoint to score",
-                          "set importance.checkpoint or checkpoint.load")
+    checkpoint = cfg.importance.checkpoint or cfg.checkpoint.load  # preflight: one is set
     verified(checkpoint, "importance.checkpoint" if cfg.importance.checkpoint else
              "checkpoint.load", cfg.checkpoint.verify)
     output = cfg.importance.output or f"{cfg.run.dir}/importance/scores.safetensors"

@@ -1,7 +1,9 @@
 """`minitron STAGE [hydra overrides...]`: dispatch to cli/<stage>.py's main(overrides)."""
 
 import importlib
+import re
 import sys
+import warnings
 from typing import List, Optional
 
 STAGES = {
@@ -15,6 +17,20 @@ STAGES = {
     "eval": "Perplexity and lm-eval-harness evaluation.",
     "pipeline": "The whole Minitron recipe, end to end.",
 }
+
+
+UNACTIONABLE_WARNINGS = (
+    (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. "
+                    "Please use `load` instead."),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor."),
+)
+"""megatron-core's dist-checkpointing calls these deprecated torch APIs on every load; a user
+can do nothing about them. Filtered by exact message, nothing else."""
+
+
+def filter_unactionable_warnings() -> None:
+    for category, message in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category)
 
 
 def usage() -> str:
@@ -41,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     from megatron_minitron.cli.errors import run_stage
 
+    filter_unactionable_warnings()
     return run_stage(module.main, overrides)
 
 

@@ -5,21 +5,18 @@ from pathlib import Path
 import os
 from typing import List
 
-from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
     overrides = override_list(overrides)
-    cfg = load_config(overrides)
+    cfg = check("prune", load_config(overrides))
     from megatron_minitron.checkpoint.dist import verified
     from megatron_minitron.pipeline.stages import prune
     from megatron_minitron.runtime.run_lock import hold_run_dir
 
-    checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load
-    if checkpoint is None:
-        raise ConfigError("prune.checkpoint", "no checkpoint to prune",
-                          "set prune.checkpoint or checkpoint.load")
+    checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load  # preflight: one is set
     verified(checkpoint, "prune.checkpoint" if cfg.prune.checkpoint else "checkpoint.load",
              cfg.checkpoint.verify)
     scores = cfg.prune.scores or f"{cfg.run.dir}/importance/scores.safetensors"

@@ -5,11 +5,12 @@ validation loss; writes RUN_DIR/search/ranking.{json,md} and prints the table.""
 import os
 from typing import List
 
+from megatron_minitron.cli.preflight import check
 from megatron_minitron.config.loader import load_config, override_list
 
 
 def main(overrides: List[str]) -> None:
-    cfg = load_config(override_list(overrides))
+    cfg = check("search", load_config(override_list(overrides)))
     from megatron_minitron.pipeline.search import is_rank0, run_search
     from megatron_minitron.runtime.run_lock import hold_run_dir
 

@@ -21,8 +21,10 @@ class ConvertConfig:
     teacher), or our checkpoint folder (mcore_to_hf)."""
     output: Optional[str] = None
     """Checkpoint root (hf_to_mcore) or HF folder (mcore_to_hf) to write."""
-    dtype: str = "bfloat16"
-    """Tensor dtype of the exported safetensors (mcore_to_hf). Import keeps fp32 masters."""
+    dtype: Optional[str] = None
+    """Tensor dtype of the exported safetensors (mcore_to_hf): bfloat16, float16 or float32.
+    None: the dtype the model was imported from Hugging Face in (its header records it), else
+    float32, so a round trip is bit-exact. Import keeps fp32 masters."""
     model_type: str = "auto"
     """HF family to export as: llama, mistral, qwen2, or "auto" (the family the checkpoint was
     imported from, else qwen2 when it has QKV biases, else llama)."""
@@ -31,7 +33,7 @@ class ConvertConfig:
         if self.direction not in DIRECTIONS:
             raise ConfigError("convert.direction", f"unknown {self.direction!r}",
                               f"use one of {DIRECTIONS}")
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("convert.dtype", f"unknown {self.dtype!r}", f"use one of {DTYPES}")
         if self.model_type not in MODEL_TYPES:
             raise ConfigError("convert.model_type", f"unknown {self.model_type!r}",

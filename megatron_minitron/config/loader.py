@@ -36,6 +36,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    check_group_options(overrides)
     register_schema()
     GlobalHydra.instance().clear()
     try:
@@ -43,10 +44,26 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except HydraException as e:
         msg = str(e).splitlines()[0]
-        m = re.search(r"override '?([\w.]+)", msg) or re.search(r"'([\w.]+)'", msg)
-        raise ConfigError(m.group(1) if m else "overrides", msg,
-                          "check the key's spelling (see megatron_minitron/config/) and the "
-                          "value's type; new keys are not accepted") from e
+        m = (re.search(r"override '?([\w.]+)", msg) or re.search(r"argument '([\w.]+)=", msg)
+             or re.search(r"'([\w.]+)'", msg))
+        fix = ("quote a value holding commas, e.g. key=\"'a,b'\"" if "Ambiguous value" in msg
+               else "check the key's spelling (see megatron_minitron/config/) and the "
+               "value's type; new keys are not accepted")
+        raise ConfigError(m.group(1) if m else "overrides", msg, fix) from e
+
+
+def check_group_options(overrides: Sequence[str]) -> None:
+    """`experiment=` and `model=` name YAML files; Hydra silently skips a missing option of an
+    optional group (so a typo would run the default), so unknown ones are refused here."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        folder = conf_dir() / key
+        if key not in ("experiment", "model") or value in ("", "null") or not folder.is_dir():
+            continue
+        shipped = sorted(p.stem for p in folder.glob("*.yaml"))
+        if value not in shipped:
+            raise ConfigError(key, f"unknown {key} {value!r}",
+                              f"use one of {shipped} (YAML files in {folder})")
 
 
 def to_typed(cfg: DictConfig, schema: Type[T] = MinitronConfig) -> T:

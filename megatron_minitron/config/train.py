@@ -101,7 +101,9 @@ class CheckpointConfig:
     """Initial weights: one of our checkpoints (a step folder or a folder of them). Its model
     config replaces the model section. Resuming from checkpoint.save wins over this."""
     finetune: bool = True
-    """With load: take weights only (fresh optimizer, step 0). False continues its run state."""
+    """With load: take weights only (fresh optimizer, step 0). False continues its run state
+    (step, consumed samples, optimizer and LR schedule when saved), writing new checkpoints to
+    checkpoint.save."""
     verify: bool = True
     """Check every file of a checkpoint against the hashes in its minitron.json before loading
     it (resume, checkpoint.load, teachers); false skips the check."""

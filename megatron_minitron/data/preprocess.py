@@ -55,7 +55,7 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[Tuple[str, in
     """(document text, bytes consumed) for one file; JSONL gives one document per line."""
     if path.suffix not in JSONL_SUFFIXES:
         raw = path.read_bytes()
-        yield raw.decode("utf-8", errors="replace"), len(raw)
+        yield _utf8(raw, path, 1), len(raw)
         return
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -63,14 +63,29 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[Tuple[str, in
                 yield "", len(line)
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(_utf8(line, path, lineno))
             except json.JSONDecodeError as e:
                 raise ConfigError("preprocess.input", f"{path}:{lineno} is not JSON ({e.msg})",
                                   "give one JSON object per line") from e
             if not isinstance(record, dict) or json_key not in record:
                 raise ConfigError("preprocess.json_key", f"{path}:{lineno} has no key "
                                   f"{json_key!r}", "set preprocess.json_key to the text field")
-            yield str(record[json_key]), len(line)
+            if not isinstance(record[json_key], str):
+                raise ConfigError("preprocess.json_key", f"{path}:{lineno}: {json_key!r} holds "
+                                  f"a {type(record[json_key]).__name__}, not text",
+                                  "set preprocess.json_key to the field holding the text")
+            yield record[json_key], len(line)
+
+
+def _utf8(raw: bytes, path: Path, lineno: int) -> str:
+    """Strict: silently replacing bytes would train on U+FFFD where the text had letters."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno + raw.count(b"\n", 0, e.start)
+        raise ConfigError("preprocess.input", f"{path}:{line} is not UTF-8 (byte "
+                          f"0x{raw[e.start]:02x})", "re-encode the file as UTF-8, e.g. "
+                          "`iconv -f latin1 -t utf-8 IN > OUT`") from e
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Tokenizer,

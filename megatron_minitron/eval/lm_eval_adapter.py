@@ -21,6 +21,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.data.tokenizer import Tokenizer
 from megatron_minitron.eval.token_scores import score_sequences
 
@@ -123,6 +124,23 @@ class MinitronLM(TemplateLM):
                 text = text.split(s)[0] if s else text
             outputs.append(text)
         return outputs
+
+
+def check_tasks(tasks: Sequence[str], task_paths: Sequence[str] = (),
+                field: str = "eval.tasks") -> None:
+    """Every name is a task, group or tag on the task path, before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    missing = [p for p in task_paths if not Path(p).expanduser().is_dir()]
+    if missing:
+        raise ConfigError("eval.task_paths", f"no folder {missing[0]}", "fix the folder path")
+    known = TaskManager(include_path=[str(TASKS_DIR), *map(str, task_paths)],
+                        include_defaults=False).all_tasks
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ConfigError(field, f"unknown tasks {unknown}",
+                          f"use tasks from {sorted(known)} or add their YAMLs with "
+                          "eval.task_paths")
 
 
 def run_tasks(lm: MinitronLM, tasks: List[str], task_paths: Sequence[str] = (),

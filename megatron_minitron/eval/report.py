@@ -84,7 +84,8 @@ def summary_section(run: Path) -> List[str]:
     cols = ["name", "params"] + (["params_non_embedding"] if any(
         "params_non_embedding" in r for r in rows) else []) + [
         "loss", "perplexity", "tokens", "path"]
-    return ["## Summary", ""] + _table(rows, cols)
+    teacher = [f"Teacher: {data['teacher']}.", ""] if data.get("teacher") else []
+    return ["## Summary", ""] + teacher + _table(rows, cols)
 
 
 def loss_curves_section(run: Path, plots: Path) -> List[str]:

@@ -115,13 +115,20 @@ def load_scores(path: str, field: str = "prune.scores") -> Scores:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(field, f"no scores file at {p}", "run `minitron importance` first")
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
-        if META_KEY not in meta:
-            raise ConfigError(field, f"{p} has no {META_KEY!r} header",
-                              "use a file written by `minitron importance`")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    header = ScoresHeader(**json.loads(meta[META_KEY]))
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            if META_KEY not in meta:
+                raise ConfigError(field, f"{p} has no {META_KEY!r} header",
+                                  "use a file written by `minitron importance`")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = ScoresHeader(**json.loads(meta[META_KEY]))
+    except ConfigError:
+        raise
+    except Exception as e:  # safetensors' own error type, JSON or header fields: all damage
+        raise ConfigError(field, f"{p} is not a readable scores file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})",
+                          "rerun `minitron importance` to write it again") from e
     if header.version != FORMAT_VERSION:
         raise ConfigError(field, f"scores format version {header.version}, expected "
                           f"{FORMAT_VERSION}", "rerun `minitron importance`")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from megatron_minitron.checkpoint import dist as ckpt
+from megatron_minitron.checkpoint.smollm2 import teacher_label
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.pipeline import stages
@@ -147,7 +148,8 @@ def run_pipeline(cfg: MinitronConfig) -> Dict:
             if p.export else {}
         summary = {"rows": [dict(name=name, path=path, tokens=tok, **evals[name])
                             for name, (path, tok) in models.items()],
-                   "export": exported.get("hf_dir"), "run_dir": str(run_dir)}
+                   "export": exported.get("hf_dir"), "run_dir": str(run_dir),
+                   "teacher": teacher_label(p.teacher)}
         if rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         runner.force.add("report")  # cheap, and always reflects the latest outputs

@@ -184,7 +184,7 @@ def export(cfg: MinitronConfig, checkpoint: str, out: Path) -> Dict:
     out = out / "hf"
     _single_process(lambda: mcore_to_hf(checkpoint, str(out), dtype=cfg.convert.dtype),
                     ["convert.direction=mcore_to_hf", f"convert.input={checkpoint}",
-                     f"convert.output={out}", f"convert.dtype={cfg.convert.dtype}"])
+                     f"convert.output={out}", f"convert.dtype={cfg.convert.dtype or 'null'}"])
     return {"hf_dir": str(out)}
 
 

@@ -80,23 +80,14 @@ def choose_precision(cfg: RuntimeConfig, device_type: Optional[str] = None,
     if cfg.precision == "auto":
         return PrecisionChoice("bf16" if native else "fp32", f"auto: {why}")
     if cfg.precision == "bf16" and not native:
-        _say_once("bf16-emulated", f"minitron: warning: runtime.precision=bf16 on a {why}; "
-                  "set runtime.precision=auto (fp32 here) for speed")
+        say_once(f"minitron: warning: runtime.precision=bf16 on a {why}; "
+                 "set runtime.precision=auto (fp32 here) for speed")
     return PrecisionChoice(cfg.precision, f"set explicitly ({why})")
 
 
 def resolve_precision(cfg: RuntimeConfig, device_type: Optional[str] = None) -> str:
     """'fp32' or 'bf16' (choose_precision without the reason)."""
     return choose_precision(cfg, device_type).precision
-
-
-_said: set = set()
-
-
-def _say_once(key: str, message: str) -> None:
-    if key not in _said:
-        _said.add(key)
-        print(message, file=sys.stderr)
 
 
 def transformer_engine_status() -> str:
@@ -127,10 +118,27 @@ def resolve_transformer_impl(cfg: RuntimeConfig) -> str:
             raise ConfigError("runtime.transformer_impl", status,
                               "set runtime.transformer_impl=local (or auto)")
         return "transformer_engine"
-    return "transformer_engine" if status == "ok" else "local"
+    impl = "transformer_engine" if status == "ok" else "local"
+    say_once(f"minitron: runtime.transformer_impl=auto chose {impl}: " + (
+        "Transformer-Engine imports and CUDA is visible" if status == "ok" else status))
+    return impl
 
 
 def resolve_attention_impl(cfg: RuntimeConfig) -> str:
     """'sdpa' or 'megatron': the core attention of the local layer spec ("auto" is sdpa;
     Transformer-Engine layers bring their own fused attention and ignore this)."""
-    return "sdpa" if cfg.attention_impl == "auto" else cfg.attention_impl
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    say_once("minitron: runtime.attention_impl=auto chose sdpa: torch's fused "
+             "scaled_dot_product_attention in the local layer spec (megatron: its unfused one)")
+    return "sdpa"
+
+
+_said = set()
+
+
+def say_once(message: str) -> None:
+    """A choice made for the user, told once per process on stderr (rank 0 only)."""
+    if message not in _said and os.environ.get("RANK", "0") == "0":
+        _said.add(message)
+        print(message, file=sys.stderr)

@@ -171,3 +171,5 @@ def teardown() -> None:
         dist.barrier()
         if not _held:
             dist.destroy_process_group()
+    if not _held:  # code after the stage (a user's own HF model, a baseline) runs unpatched
+        cpu_compat.uninstall()

@@ -92,7 +92,8 @@ def markdown(res: Dict) -> str:
              "arm or was shared with another.", ""]
     lines += [f"This budget: {res['note']}.", ""]
     if t.get("status") == "done":
-        lines += [f"Teacher: {t['params'] / 1e6:.1f}M parameters, loss {t['loss']:.3f}, "
+        label = f"{t['label']}; " if t.get("label") else ""
+        lines += [f"Teacher: {label}{t['params'] / 1e6:.1f}M parameters, loss {t['loss']:.3f}, "
                   f"perplexity {t['perplexity']:.1f}.", ""]
     verdicts = [c["verdict"] for c in res["claims"]]
     lines += ["## Which of the papers' claims held here", "",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from megatron_minitron.checkpoint import dist as ckpt
+from megatron_minitron.checkpoint.smollm2 import teacher_label
 from megatron_minitron.config.loader import load_config
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.pipeline.run import check_target, prune_config, round_budgets
@@ -51,7 +52,8 @@ def run_study(study: StudyConfig, on_progress=None) -> None:
         teacher_eval = art.evaluate(base, teacher)
         if rank == 0:
             _write(Path(study.study_dir) / "teacher.json",
-                   {**teacher_eval, "status": "done", **provenance()})
+                   {**teacher_eval, "status": "done", "label": teacher_label(base.pipeline.teacher),
+                    **provenance()})
         for abl in ablations:
             for arm in abl.arms:
                 path = arm_path(study, abl, arm)

@@ -37,13 +37,14 @@ def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: Step
                  ) -> LoopState:
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
+        cfg.train.num_microbatches(ctx.dp_size)  # every check before the run dir is written
         with hold_run_dir(cfg.run.dir, ctx.rank):
             start = find_start(cfg)
             cfg = adopt_model_config(cfg, start, model_overridden)
-            write_resolved_config(cfg, ctx.rank)
             tok = resolve_tokenizer(cfg, start.header)
             make_step = step_factory(cfg, ctx)
             data = build_source(cfg, ctx, tok)
+            write_resolved_config(cfg, ctx.rank)
             trainer, state = build_trainer(cfg, ctx, start, make_step, data, tok.describe())
             state = trainer.run(state)
             trainer.writer.close()

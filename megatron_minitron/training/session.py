@@ -37,7 +37,10 @@ def find_start(cfg: MinitronConfig) -> StartPoint:
         return StartPoint(resume=str(own), header=ckpt.read_header(str(own)))
     if cfg.checkpoint.load:
         ckpt.verified(cfg.checkpoint.load, "checkpoint.load", cfg.checkpoint.verify)
-        return StartPoint(init=cfg.checkpoint.load, header=ckpt.read_header(cfg.checkpoint.load))
+        header = ckpt.read_header(cfg.checkpoint.load)
+        if not cfg.checkpoint.finetune:  # continue its run: step, samples, optimizer, schedule
+            return StartPoint(resume=str(ckpt.resolve(cfg.checkpoint.load)), header=header)
+        return StartPoint(init=cfg.checkpoint.load, header=header)
     return StartPoint()
 
 
