@@ -203,3 +203,79 @@ def test_tp2_matches_fp64_reference(tp2_results, i):
     close(dh0, ref_dh, 1e-5)
     close(dh1, ref_dh, 1e-5)
     close(torch.cat([dw0, dw1]), ref_dw, 1e-5)
+
+
+# --- the training steps: fused against GPTModel's own output layer, through megatron's schedule
+
+def _step_grads(kind: str, tp: int):
+    """main_grad of every student parameter after one schedule step (2 micro-batches), fused
+    and unfused, for the LM step or the KD step; numpy, to travel back by value."""
+    import os
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.distill.kd_step import KDStep
+    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.runtime.distributed import initialize
+    from megatron_minitron.training.lm_step import LMStep
+    from megatron_minitron.training.loop import Trainer
+    from megatron_minitron.training.metrics import MetricsWriter
+    from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
+                                                      wrap_ddp)
+
+    port, out = int(os.environ["MASTER_PORT"]), {}
+    for i, fused in enumerate((True, False)):
+        os.environ["MASTER_PORT"] = str(port + 1 + i)
+        cfg = load_config([f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=16",
+                           "train.micro_batch_size=2", "train.global_batch_size=4",
+                           "logger.backend=none", "model.share_embeddings_and_output_weights=true"])
+        ctx = initialize(cfg.parallel, cfg.runtime)
+        torch.manual_seed(0)
+        teacher = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)[0]
+        teacher.eval().requires_grad_(False)
+        torch.manual_seed(1)
+        raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
+        if kind == "lm":
+            step = LMStep(ctx.device, fused=fused, num_microbatches=2, tp_group=ctx.tp_group)
+        else:
+            dcfg = DistillConfig(fused_output=str(fused).lower(), ce_weight=0.5)
+            step = KDStep(dcfg, teacher, raw[0], ctx.tp_group, cfg.model.vocab_size, ctx.device,
+                          num_microbatches=2)
+        chunks = wrap_ddp(raw)
+        opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
+        attach_schedule_hooks(chunks, opt)
+        trainer = Trainer(cfg, ctx, chunks, step, opt, sched, None,
+                          MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+        g = torch.Generator().manual_seed(0)
+        data = []
+        for _ in range(2):
+            ids = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
+            mask = torch.ones(2, 16)
+            mask[0, 10:] = 0
+            data.append({"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mask,
+                         "position_ids": torch.arange(16).expand(2, -1)})
+        for c in chunks:
+            c.zero_grad_buffer()
+        reports = trainer._schedule(iter(data), False, 2)
+        out[fused] = ({n: p.main_grad.numpy().copy() for n, p in chunks[0].named_parameters()},
+                      [{k: v.numpy().copy() for k, v in r.items()} for r in reports])
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lm", "kd"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_training_step_equals_unfused(kind, tp):
+    for out in run_distributed(_step_grads, tp, kind, tp):
+        (grads_f, reports_f), (grads_u, reports_u) = out[True], out[False]
+        assert grads_f.keys() == grads_u.keys()
+        for name in grads_u:
+            assert abs(grads_u[name]).max() > 0, name
+            torch.testing.assert_close(torch.from_numpy(grads_f[name]),
+                                       torch.from_numpy(grads_u[name]), atol=1e-6, rtol=1e-4,
+                                       msg=name)
+        for rf, ru in zip(reports_f, reports_u):
+            for k in ru:
+                torch.testing.assert_close(torch.from_numpy(rf[k]), torch.from_numpy(ru[k]),
+                                           atol=1e-5, rtol=1e-5)

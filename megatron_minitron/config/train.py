@@ -63,6 +63,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update); this
     many in a row stop the stage with an error (the run has diverged)."""
+    fused_lm_loss: bool = True
+    """LM training (`minitron train`, teacher correction): compute the output layer and the
+    cross entropy together, chunk by chunk from the final hidden states, so no
+    [tokens, vocab] logits tensor is made (distill/fused_output.py); false: GPTModel's own
+    output layer and megatron's vocab-parallel cross entropy. Same loss and gradients to
+    rounding. (Distillation has its own switch, distill.fused_output.)"""
 
     def __post_init__(self):
         for name in ("train_iters", "micro_batch_size", "global_batch_size", "eval_iters",

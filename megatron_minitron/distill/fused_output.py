@@ -56,11 +56,11 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
         v = w_s.shape[0]
         nr = real_columns(tp_rank, v, real_vocab_size)
         vocab_start, _ = vocab_range(tp_rank, v)
-        ws, wt = w_s[:nr], w_t[:nr]
+        ws, wt = w_s[:nr], (None if w_t is None else w_t[:nr])
         # [s, b, h] -> [s*b, h], in the weights' dtype (bf16 models hand over fp32 hidden
         # states: megatron's Float16Module upcasts the last stage's output)
         hs = h_s.reshape(-1, h_s.shape[-1]).to(ws.dtype)
-        ht = h_t.reshape(-1, h_t.shape[-1]).to(wt.dtype)
+        ht = None if h_t is None else h_t.reshape(-1, h_t.shape[-1]).to(wt.dtype)
         grad_h = grad_w = None
         direct = needs_grad and _main_grad(w_s) is not None and grad_scale is not None
         if needs_grad:
@@ -77,7 +77,7 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
             rows = slice(start, start + step)
             x = hs[rows]
             z_s = x @ ws.t()  # [c, h_s] x [h_s, v/tp] -> [c, v/tp]
-            z_t = ht[rows] @ wt.t()
+            z_t = None if ht is None else ht[rows] @ wt.t()
             lab = None if labels is None else labels[rows]
             g = chunk_loss(cfg, z_s, z_t, weights[rows], lab, vocab_start, group, sums,
                            owned=True)  # fp32 [c, v/tp]
@@ -155,11 +155,11 @@ def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r}: use one of {REDUCTIONS}")
     d0, d1 = student_hidden.shape[:2]
-    if teacher_hidden.shape[:2] != (d0, d1):
+    if teacher_hidden is not None and teacher_hidden.shape[:2] != (d0, d1):
         raise ValueError(f"teacher hidden states {tuple(teacher_hidden.shape)} and student's "
                          f"{tuple(student_hidden.shape)} cover different tokens")
     v = student_weight.shape[0]
-    if teacher_weight.shape[0] != v:
+    if teacher_weight is not None and teacher_weight.shape[0] != v:
         tp_rank, tp_size = group_rank_size(tp_group)
         if tp_size > 1 or real_vocab_size is None or real_vocab_size > min(
                 v, teacher_weight.shape[0]):
@@ -173,7 +173,27 @@ def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: 
     needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or
                                               student_weight.requires_grad)
     loss, kd, ce = _FusedLinearLogitLoss.apply(
-        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+        student_hidden, student_weight, _detached(teacher_hidden), _detached(teacher_weight),
         weights, labels, cfg, real_vocab_size, tp_group, needs_grad, grad_scale)
     return LogitLoss(loss=loss, kd=kd, ce=ce if labels is not None else None,
                      num_tokens=num_tokens)
+
+
+def _detached(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.detach()
+
+
+LM_LOSS = DistillConfig(kd_weight=0.0, ce_weight=1.0)
+"""The fused path with no teacher: next-token cross entropy alone."""
+
+
+def fused_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             loss_mask: Optional[torch.Tensor] = None, tp_group=None,
+                             reduction: str = "sum", batch_first: bool = False,
+                             grad_scale: Optional[float] = None) -> LogitLoss:
+    """The LM loss from final hidden states, fused with the output layer the same way (no
+    `[tokens, vocab]` logits): megatron's vocab-parallel cross entropy over the whole padded
+    vocabulary, as GPTModel computes it. `.loss` (= `.ce`) is the masked sum or mean."""
+    return fused_logit_distillation_loss(hidden, weight, None, None, LM_LOSS, loss_mask=loss_mask,
+                                         labels=labels, tp_group=tp_group, reduction=reduction,
+                                         batch_first=batch_first, grad_scale=grad_scale)

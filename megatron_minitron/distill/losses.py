@@ -91,13 +91,15 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None, None, None
 
 
-def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: torch.Tensor, w: torch.Tensor,
+def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: Optional[torch.Tensor],
+               w: torch.Tensor,
                labels: Optional[torch.Tensor], vocab_start: int, group, sums: torch.Tensor,
                owned: bool) -> torch.Tensor:
     """One chunk of tokens: adds its weighted KD and CE sums to `sums` ([2] fp32: kd, ce) and
     returns d(kd_weight * kd + ce_weight * ce) / d s_raw, fp32 `[c, v_real/tp]`.
 
     s_raw, t_raw: `[c, v_real/tp]` logits of any dtype (not yet divided by the temperature);
+    t_raw None: no teacher, the cross entropy alone (the LM loss; cfg.kd_weight is ignored);
     w: `[c]` per-token weights (mask / normaliser); labels: `[c]` global ids or None.
     owned: the caller gives up s_raw and t_raw, so the math may overwrite them (saves copies
     when the logits were made just for this chunk, as in the fused output layer)."""
@@ -112,6 +114,8 @@ def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: torch.Tensor, w: 
         del x
     elif labels is not None:  # the student's LM loss for the log, no gradient
         sums[1] += (divergences.cross_entropy_value(s_raw, labels, vocab_start, group) * w).sum()
+    if t_raw is None:
+        return g_ce
     copy = spans_ranks(group) and not owned  # the vocab-parallel softmax overwrites its input
     s = _scaled_fp32(s_raw, temp, copy)
     t = _scaled_fp32(t_raw, temp, copy)

@@ -1,7 +1,7 @@
 """The LM step: what one micro-batch contributes to the loss. The loop is shared; steps vary."""
 
 from functools import partial
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -21,15 +21,46 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
 
 
 class LMStep:
-    """Next-token cross entropy. `forward_step` is megatron's forward_step_func contract."""
+    """Next-token cross entropy. `forward_step` is megatron's forward_step_func contract.
+
+    fused (the default): the last stage's GPTModel hands its final hidden states to a loss
+    fused with its output layer (distill/fused_output.py), so no `[tokens, vocab]` logits are
+    made in forward or backward; else GPTModel's own output layer and cross entropy."""
 
     loss_names = ("lm_loss",)
     adjust_tensor_shapes_fn = None
 
-    def __init__(self, device: torch.device = torch.device("cpu")):
-        self.device = device
+    def __init__(self, device: torch.device = torch.device("cpu"), fused: bool = True,
+                 num_microbatches: Optional[int] = None, tp_group=None):
+        self.device, self.fused, self.tp_group = device, fused, tp_group
+        self.num_microbatches = num_microbatches
+        """Given, the fused loss writes the output weight's gradient into megatron's main_grad
+        during forward, at the scale megatron's schedule applies (as KDStep does)."""
 
     def forward_step(self, data_iterator, model):
+        from megatron_minitron.models.builder import unwrap
+
         batch = to_device(next(data_iterator), self.device)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(masked_token_loss, batch["loss_mask"])
+        gpt = unwrap(model)
+        if not (self.fused and gpt.post_process):
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            return output, partial(masked_token_loss, batch["loss_mask"])
+        from megatron_minitron.models.output_layer import hidden_states_out
+
+        with hidden_states_out(gpt):  # [b, s, h]
+            hidden = model(batch["tokens"], batch["position_ids"], None)
+        return hidden, partial(self._fused_loss, batch, gpt)
+
+    def _fused_loss(self, batch, gpt, hidden):
+        from megatron_minitron.distill.fused_output import fused_cross_entropy_loss
+        from megatron_minitron.models.output_layer import output_weight
+
+        scale = None
+        if self.num_microbatches is not None:
+            tokens = max(int((batch["loss_mask"] != 0).sum()), 1)
+            scale = 1.0 / (tokens * self.num_microbatches)
+        out = fused_cross_entropy_loss(hidden, output_weight(gpt), batch["labels"],
+                                       batch["loss_mask"], self.tp_group, batch_first=True,
+                                       grad_scale=scale)
+        report = torch.stack([out.loss.detach(), out.num_tokens.detach().float()])
+        return out.loss, out.num_tokens.to(torch.int), {"lm_loss": report}
