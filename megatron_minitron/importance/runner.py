@@ -125,12 +125,6 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
     for c in chunks:
         c.eval()
     stats, mask = agg.new_stats(model, ctx.device), agg.TokenMask()
-    with ExitStack() as hooks:
-        if cfg.width:
-            hooks.enter_context(WidthHooks(chunks, model, stats, cfg.seq_aggregation,
-                                           ctx.tp_rank, ctx.tp_size, mask, cfg.head_score))
-        if cfg.depth_cosine:
-            hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank, mask))
     sizes = sorted(set(k for k in cfg.block_sizes if k <= model.num_layers))
     depth_passes = ((model.num_layers if cfg.depth_loss else 0) +
                     sum(len(blocks(model.num_layers, k)) for k in sizes))
