@@ -52,8 +52,7 @@ def main():
     chunks = wrap_ddp(build_model(m, cfg.parallel, cfg.runtime, ctx.device))
     opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
     attach_schedule_hooks(chunks, opt)
-    step = LMStep(ctx.device, fused=cfg.train.fused_lm_loss, num_microbatches=1,
-                  tp_group=ctx.tp_group)
+    step = LMStep(ctx.device, fused=cfg.train.fused_lm_loss, num_microbatches=1)
     trainer = Trainer(cfg, ctx, chunks, step, opt, sched, Repeat(),
                       MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
     it = Repeat().train_iterator(0)

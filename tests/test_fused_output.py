@@ -237,7 +237,7 @@ def _step_grads(kind: str, tp: int):
         torch.manual_seed(1)
         raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
         if kind == "lm":
-            step = LMStep(ctx.device, fused=fused, num_microbatches=2, tp_group=ctx.tp_group)
+            step = LMStep(ctx.device, fused=fused, num_microbatches=2)
         else:
             dcfg = DistillConfig(fused_output=str(fused).lower(), ce_weight=0.5)
             step = KDStep(dcfg, teacher, raw[0], ctx.tp_group, cfg.model.vocab_size, ctx.device,

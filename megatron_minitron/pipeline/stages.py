@@ -196,10 +196,14 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
                                                    split_batches)
     from megatron_minitron.eval.suite import evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.progress import Progress
 
     for path in checkpoints.values():
         ckpt.verified(path, "checkpoint.load", cfg.checkpoint.verify)
     ctx = initialize(cfg.parallel, cfg.runtime)
+    # one step per model, and one for the eval suite: the time left is an estimate from them
+    bar = Progress(len(checkpoints) + int(bool(cfg.eval.tasks)), 0,
+                   cfg.logger.progress_bar and ctx.rank == 0, "eval models")
     try:
         tok = checkpoint_tokenizer(next(iter(checkpoints.values())))
         batches = split_batches(cfg.data, tok, "valid", cfg.pipeline.eval_samples,
@@ -210,12 +214,15 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
             results[name] = {"params": ckpt.read_header(path).model.num_parameters(),
                              "loss": r.loss, "perplexity": r.perplexity,
                              "eval_tokens": r.tokens}
+            bar.update(bar.completed + 1, {name: r.loss})
         suite = None
         if cfg.eval.tasks:
             final = list(checkpoints.values())[-1]
             final_cfg = dataclasses.replace(cfg, model=ckpt.read_header(final).model)
             suite = evaluate_run(final_cfg, final, tok, ctx)
+            bar.update(bar.completed + 1)
     finally:
+        bar.close()
         teardown()
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

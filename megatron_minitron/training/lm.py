@@ -55,8 +55,7 @@ def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: Step
 
 def lm_step(cfg: MinitronConfig, ctx: ParallelContext):
     return lambda chunks: LMStep(ctx.device, fused=cfg.train.fused_lm_loss,
-                                 num_microbatches=cfg.train.num_microbatches(ctx.dp_size),
-                                 tp_group=ctx.tp_group)
+                                 num_microbatches=cfg.train.num_microbatches(ctx.dp_size))
 
 
 def kd_step(cfg: MinitronConfig, ctx: ParallelContext):

@@ -31,8 +31,8 @@ class LMStep:
     adjust_tensor_shapes_fn = None
 
     def __init__(self, device: torch.device = torch.device("cpu"), fused: bool = True,
-                 num_microbatches: Optional[int] = None, tp_group=None):
-        self.device, self.fused, self.tp_group = device, fused, tp_group
+                 num_microbatches: Optional[int] = None):
+        self.device, self.fused = device, fused
         self.num_microbatches = num_microbatches
         """Given, the fused loss writes the output weight's gradient into megatron's main_grad
         during forward, at the scale megatron's schedule applies (as KDStep does)."""
@@ -59,8 +59,9 @@ class LMStep:
         if self.num_microbatches is not None:
             tokens = max(int((batch["loss_mask"] != 0).sum()), 1)
             scale = 1.0 / (tokens * self.num_microbatches)
+        # the vocabulary shards' group: the output layer's own (size 1 without TP)
         out = fused_cross_entropy_loss(hidden, output_weight(gpt), batch["labels"],
-                                       batch["loss_mask"], self.tp_group, batch_first=True,
-                                       grad_scale=scale)
+                                       batch["loss_mask"], gpt.output_layer.tp_group,
+                                       batch_first=True, grad_scale=scale)
         report = torch.stack([out.loss.detach(), out.num_tokens.detach().float()])
         return out.loss, out.num_tokens.to(torch.int), {"lm_loss": report}
