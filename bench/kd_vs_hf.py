@@ -120,9 +120,9 @@ def naive(k, teacher_hf: str, student_hf: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if k["precision"] == "bf16" else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_hf, torch_dtype=dtype).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_hf, dtype=dtype).to(device)
     teacher.eval().requires_grad_(False)
-    student = AutoModelForCausalLM.from_pretrained(student_hf, torch_dtype=dtype).to(device)
+    student = AutoModelForCausalLM.from_pretrained(student_hf, dtype=dtype).to(device)
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=3e-4)
 

@@ -179,6 +179,18 @@ def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: 
                      num_tokens=num_tokens)
 
 
+def schedule_loss_scale(loss_mask: torch.Tensor, num_microbatches: Optional[int]
+                        ) -> Optional[float]:
+    """The factor megatron's schedule applies to a step's summed loss before backward: 1 /
+    (this micro-batch's loss tokens x micro-batches) (calculate_per_token_loss off; the
+    optimizer's loss scale is 1 in fp32 and bf16); the `grad_scale` of the fused losses.
+    None when the caller does not know its micro-batch count."""
+    if num_microbatches is None:
+        return None
+    tokens = max(int((loss_mask != 0).sum()), 1)
+    return 1.0 / (tokens * num_microbatches)
+
+
 def _detached(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else x.detach()
 

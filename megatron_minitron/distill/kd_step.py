@@ -13,7 +13,8 @@ import torch
 
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill.balancing import combine
-from megatron_minitron.distill.fused_output import fused_logit_distillation_loss
+from megatron_minitron.distill.fused_output import (fused_logit_distillation_loss,
+                                                    schedule_loss_scale)
 from megatron_minitron.distill.hidden import EMBEDDING, HiddenStateLoss, StateCapture
 from megatron_minitron.distill.losses import logit_distillation_loss
 from megatron_minitron.distill.pipeline import StageChannel
@@ -89,15 +90,6 @@ class KDStep:
         """Fused: the model returns final hidden states `[b, s, h]`, not logits."""
         return hidden_states_out(gpt) if self.fused else nullcontext()
 
-    def _grad_scale(self, batch) -> Optional[float]:
-        """What megatron's schedule multiplies our summed loss by before backward: 1 / (this
-        micro-batch's loss tokens x micro-batches) (calculate_per_token_loss off; the
-        optimizer's loss scale is 1 in fp32 and bf16)."""
-        if self.num_microbatches is None:
-            return None
-        tokens = max(int((batch["loss_mask"] != 0).sum()), 1)
-        return 1.0 / (tokens * self.num_microbatches)
-
     def _loss(self, batch: Dict[str, torch.Tensor], teacher_out,
               terms: Mapping[str, torch.Tensor], s_gpt, t_gpt, student_out):
         common = dict(loss_mask=batch["loss_mask"], labels=batch["labels"],
@@ -106,7 +98,9 @@ class KDStep:
         if self.fused:  # student_out, teacher_out: final hidden states [b, s, h]
             out = fused_logit_distillation_loss(student_out, output_weight(s_gpt), teacher_out,
                                                 output_weight(t_gpt), self.cfg,
-                                                grad_scale=self._grad_scale(batch), **common)
+                                                grad_scale=schedule_loss_scale(
+                                                    batch["loss_mask"], self.num_microbatches),
+                                                **common)
         else:  # logits [b, s, v/tp]
             out = logit_distillation_loss(student_out, teacher_out, self.cfg, **common)
         parts = combine(out, terms, self.cfg)

@@ -5,6 +5,10 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_minitron.distill.fused_output import fused_cross_entropy_loss, schedule_loss_scale
+from megatron_minitron.models.builder import unwrap
+from megatron_minitron.models.output_layer import hidden_states_out, output_weight
+
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Sum of the masked per-token losses, with the token count, in megatron's 3-tuple form."""
@@ -38,27 +42,17 @@ class LMStep:
         during forward, at the scale megatron's schedule applies (as KDStep does)."""
 
     def forward_step(self, data_iterator, model):
-        from megatron_minitron.models.builder import unwrap
-
         batch = to_device(next(data_iterator), self.device)
         gpt = unwrap(model)
         if not (self.fused and gpt.post_process):
             output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             return output, partial(masked_token_loss, batch["loss_mask"])
-        from megatron_minitron.models.output_layer import hidden_states_out
-
         with hidden_states_out(gpt):  # [b, s, h]
             hidden = model(batch["tokens"], batch["position_ids"], None)
         return hidden, partial(self._fused_loss, batch, gpt)
 
     def _fused_loss(self, batch, gpt, hidden):
-        from megatron_minitron.distill.fused_output import fused_cross_entropy_loss
-        from megatron_minitron.models.output_layer import output_weight
-
-        scale = None
-        if self.num_microbatches is not None:
-            tokens = max(int((batch["loss_mask"] != 0).sum()), 1)
-            scale = 1.0 / (tokens * self.num_microbatches)
+        scale = schedule_loss_scale(batch["loss_mask"], self.num_microbatches)
         # the vocabulary shards' group: the output layer's own (size 1 without TP)
         out = fused_cross_entropy_loss(hidden, output_weight(gpt), batch["labels"],
                                        batch["loss_mask"], gpt.output_layer.tp_group,
