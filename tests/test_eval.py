@@ -344,6 +344,27 @@ def test_report_has_every_section_and_its_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_report_sets_the_teacher_beside_the_students(tmp_path):
+    from megatron_minitron.eval.report import write_report
+
+    _fake_run(tmp_path)
+    suite = {"params": 2000, "perplexity": {"heldout": {"perplexity": 12.5}},
+             "tasks": {"minitron_next_line": {"acc,none": 0.5, "acc_stderr,none": "N/A",
+                                              "sample_len": 10}}}
+    student = {"params": 1000, "perplexity": {"heldout": {"perplexity": 20.25}},
+               "tasks": {"minitron_next_line": {"acc,none": 0.25, "sample_len": 10}}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval_models.json").write_text(json.dumps(
+        {"models": {"teacher": suite, "distilled": student}}))
+    report = write_report(str(tmp_path)).read_text()
+    section = report.split("## Teacher and students on the same sets and tasks")[1]
+    assert "| set | teacher | distilled |" in section
+    assert "| training tokens | 0 | 65,536 |" in section
+    assert "| heldout perplexity | 12.5 | 20.25 |" in section
+    assert "| minitron_next_line acc,none | 0.5 | 0.25 |" in section
+    assert "stderr" not in section and "sample_len" not in section
+
+
 def test_report_skips_what_is_absent(tmp_path):
     from megatron_minitron.eval.report import write_report
 
@@ -353,4 +374,5 @@ def test_report_skips_what_is_absent(tmp_path):
         {"rows": [{"name": "only", "params": 10, "val_loss": 1.0}]}))
     report = write_report(str(tmp_path)).read_text()
     assert "## Search ranking" in report and "## Summary" not in report
+    assert "## Teacher and students" not in report
     assert "## Loss curves" not in report and "## Importance" not in report

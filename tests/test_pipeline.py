@@ -67,6 +67,16 @@ def test_smoke_pipeline_writes_every_artefact(smoke):
     assert suite["perplexity"]["valid"]["loss"] > 0
     assert "acc,none" in suite["tasks"]["minitron_next_line"]
     assert "## Evaluation" in report and "minitron_next_line" in report
+    # ... and so did the teacher and the pruned student, on the same sets and tasks
+    models = json.loads((run / "eval" / "eval_models.json").read_text())["models"]
+    assert list(models) == ["teacher", "pruned", "distilled"]
+    assert models["distilled"] == suite
+    for m in models.values():
+        assert set(m["perplexity"]) == set(suite["perplexity"]) and set(m["tasks"]) == set(
+            suite["tasks"])
+    assert models["teacher"]["perplexity"]["valid"]["loss"] < models["pruned"]["perplexity"][
+        "valid"]["loss"]
+    assert "| set | teacher | pruned | distilled |" in report
 
 
 def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(smoke, tmp_path):

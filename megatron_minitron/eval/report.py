@@ -24,6 +24,8 @@ Inputs (paths relative to run_dir):
   importance/scores.safetensors   importance scores (importance/scores.py): heatmaps of the
                         [num_layers, k] scores and bars of the per-layer scores.
   eval/eval.json        `minitron eval` results (eval/suite.py): perplexity and task tables.
+  eval/eval_models.json  the pipeline's eval stage: {"models": {name: eval.json's dict}} for
+                        teacher, pruned and distilled: one table with a column per model.
 Plots are PNG files under run_dir/report/ (matplotlib, Agg backend).
 """
 
@@ -31,6 +33,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from megatron_minitron.eval.suite import EVAL_MODELS
 
 REPORT = "report.md"
 PLOTS = "report"
@@ -186,6 +190,35 @@ def params_loss_section(run: Path, plots: Path) -> List[str]:
             f"![parameters vs loss]({_save(fig, plots, 'params_vs_loss.png')})", ""]
 
 
+def _task_metrics(result: Dict[str, Any]) -> Dict[str, Any]:
+    """(task, metric) -> value of one eval.json, leaving out stderr, counts and "N/A"."""
+    return {(t, m): v for t, res in result.get("tasks", {}).items() for m, v in res.items()
+            if not isinstance(v, str) and m != "sample_len" and "_stderr" not in m}
+
+
+def comparison_section(run: Path) -> List[str]:
+    """The teacher beside the students: every model's suite on the same sets and tasks."""
+    data = _read_json(run / "eval" / EVAL_MODELS)
+    models = (data or {}).get("models") or {}
+    if not models:
+        return []
+    names = list(models)
+    tokens = {r["name"]: r.get("tokens") for r in
+              (_read_json(run / SUMMARY) or {}).get("rows", [])}
+    head = [{"set": "parameters", **{n: models[n].get("params") for n in names}},
+            {"set": "training tokens", **{n: tokens.get(n) for n in names}}]
+    sets = sorted({s for m in models.values() for s in m.get("perplexity", {})})
+    ppl = [{"set": f"{s} perplexity", **{n: models[n]["perplexity"].get(s, {}).get(
+        "perplexity") for n in names}} for s in sets]
+    metrics = [_task_metrics(models[n]) for n in names]
+    keys = sorted({k for m in metrics for k in m})
+    tasks = [{"set": f"{t} {m}", **{n: metrics[i].get((t, m)) for i, n in enumerate(names)}}
+             for t, m in keys]
+    return ["## Teacher and students on the same sets and tasks", "",
+            "Training tokens: what each model cost beyond the teacher (importance passes, "
+            "correction, distillation).", ""] + _table(head + ppl + tasks, ["set"] + names)
+
+
 def eval_section(run: Path) -> List[str]:
     data = _read_json(run / "eval" / "eval.json")
     if not data:
@@ -193,9 +226,7 @@ def eval_section(run: Path) -> List[str]:
     ppl = [{"set": k, **v} for k, v in data.get("perplexity", {}).items()]
     lines = ["## Evaluation", "", f"Checkpoint: `{data.get('checkpoint')}`", ""]
     lines += _table(ppl, ["set", "loss", "perplexity", "tokens"]) if ppl else []
-    tasks = [{"task": t, "metric": m, "value": v} for t, res in data.get("tasks", {}).items()
-             for m, v in res.items() if not isinstance(v, str) and m != "sample_len"
-             and "_stderr" not in m]
+    tasks = [{"task": t, "metric": m, "value": v} for (t, m), v in _task_metrics(data).items()]
     return lines + (_table(tasks, ["task", "metric", "value"]) if tasks else [])
 
 
@@ -204,9 +235,9 @@ def write_report(run_dir: str) -> Path:
     run = Path(run_dir)
     plots = run / PLOTS
     lines = [f"# Minitron run report: {run.name}", ""]
-    body = (summary_section(run) + eval_section(run) + loss_curves_section(run, plots)
-            + importance_section(run, plots) + ranking_section(run, plots)
-            + params_loss_section(run, plots))
+    body = (summary_section(run) + comparison_section(run) + eval_section(run)
+            + loss_curves_section(run, plots) + importance_section(run, plots)
+            + ranking_section(run, plots) + params_loss_section(run, plots))
     lines += body or ["Nothing to report yet: no summary, metrics, scores or ranking found.", ""]
     path = run / REPORT
     path.write_text("\n".join(lines))

@@ -27,6 +27,9 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.schema import MinitronConfig
 
 EVAL_FILE = "eval.json"
+EVAL_MODELS = "eval_models.json"
+"""`minitron pipeline`'s eval stage: {"models": {name: eval.json's dict}} for the teacher, the
+pruned and the distilled student, in that order, scored on the same sets and tasks."""
 
 
 def perplexity_sets(cfg: MinitronConfig, tok, ctx) -> Dict[str, List[Any]]:

@@ -191,18 +191,20 @@ def export(cfg: MinitronConfig, checkpoint: str, out: Path) -> Dict:
 def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path) -> Dict:
     """Held-out loss and perplexity of each checkpoint on the same validation batches
     (out/models.json); with eval.tasks, also the `minitron eval` suite (perplexity sets and
-    lm-eval-harness tasks) on the last checkpoint, the final student (out/eval.json)."""
+    lm-eval-harness tasks) on every checkpoint, so that the report sets the teacher beside
+    the pruned and distilled students (out/eval_models.json), the last one, the final
+    student, also as out/eval.json."""
     from megatron_minitron.eval.perplexity import (checkpoint_tokenizer, evaluate_checkpoint,
                                                    split_batches)
-    from megatron_minitron.eval.suite import evaluate_run, write_eval_json
+    from megatron_minitron.eval.suite import EVAL_MODELS, evaluate_run, write_eval_json
     from megatron_minitron.runtime.distributed import initialize, teardown
     from megatron_minitron.runtime.progress import Progress
 
     for path in checkpoints.values():
         ckpt.verified(path, "checkpoint.load", cfg.checkpoint.verify)
     ctx = initialize(cfg.parallel, cfg.runtime)
-    # one step per model, and one for the eval suite: the time left is an estimate from them
-    bar = Progress(len(checkpoints) + int(bool(cfg.eval.tasks)), 0,
+    # one step per model, and one per model for the eval suite: the time left is an estimate
+    bar = Progress(len(checkpoints) * (1 + int(bool(cfg.eval.tasks))), 0,
                    cfg.logger.progress_bar and ctx.rank == 0, "eval models")
     try:
         tok = checkpoint_tokenizer(next(iter(checkpoints.values())))
@@ -215,11 +217,10 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
                              "loss": r.loss, "perplexity": r.perplexity,
                              "eval_tokens": r.tokens}
             bar.update(bar.completed + 1, {name: r.loss})
-        suite = None
-        if cfg.eval.tasks:
-            final = list(checkpoints.values())[-1]
-            final_cfg = dataclasses.replace(cfg, model=ckpt.read_header(final).model)
-            suite = evaluate_run(final_cfg, final, tok, ctx)
+        suites = {}
+        for name, path in checkpoints.items() if cfg.eval.tasks else ():
+            model_cfg = dataclasses.replace(cfg, model=ckpt.read_header(path).model)
+            suites[name] = evaluate_run(model_cfg, path, tok, ctx)
             bar.update(bar.completed + 1)
     finally:
         bar.close()
@@ -227,8 +228,9 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "models.json").write_text(json.dumps(results, indent=2) + "\n")
-        if suite is not None:
-            write_eval_json(suite, str(out))
+        if suites:
+            write_eval_json(suites[list(checkpoints)[-1]], str(out))
+            (out / EVAL_MODELS).write_text(json.dumps({"models": suites}, indent=2) + "\n")
     return results
 
 
