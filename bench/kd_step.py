@@ -8,6 +8,12 @@ per-round ratio. Teacher: the llama_10m shape (8 layers, hidden 256, vocab 8192)
 same with half the layers (a depth-pruned student).
 
     python bench/kd_step.py --part a [--rounds 10] [--precision fp32|bf16] [--hidden]
+    python bench/kd_step.py --part a --teacher CKPT --student CKPT [--peak-tflops 989]
+
+With --teacher/--student, those checkpoints' models and weights instead (e.g. bench/smollm2.py's
+fixtures). On a GPU it also prints each step's model FLOP utilisation: flops_per_token() x
+tokens/s over --peak-tflops; the KD step counts the teacher's forward (about 6 x student +
+2 x teacher parameters per token, plus attention). --json writes the figures to a file.
 
 (b) Peak memory from the final hidden states onward: both output layers (student and teacher,
 vocabulary x hidden) and the logit loss, forward + backward, at a large vocabulary. Three ways:
@@ -170,10 +176,25 @@ def sizes_for(vocab: int, tokens: int, hidden: int, device: str):
     return out
 
 
-def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool) -> None:
+def flops_per_token(model, seq: int, training: bool) -> float:
+    """Matrix FLOPs per token of one forward (training=False) or forward + backward (3x): 2 per
+    weight of the layers and of the output layer (vocab x hidden, tied or not; the embedding
+    lookup is free), plus causal attention's scores and context, 2 x 2 x seq/2 x heads x
+    kv_channels per layer (half the [seq, seq] square)."""
+    weights = model.num_parameters(include_embeddings=False) + \
+        model.padded_vocab_size * model.hidden_size
+    attention = 2 * model.num_layers * seq * model.num_attention_heads * model.kv_channels
+    forward = 2 * weights + attention
+    return 3 * forward if training else forward
+
+
+def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool,
+               teacher_ckpt: str = None, student_ckpt: str = None, peak_tflops: float = None,
+               json_out: str = None) -> None:
     """(a): KD step / (student LM step + teacher forward), interleaved in one process."""
     import dataclasses
 
+    from megatron_minitron.checkpoint import dist as ckpt
     from megatron_minitron.config.loader import load_config
     from megatron_minitron.distill.kd_step import KDStep
     from megatron_minitron.models.builder import build_model
@@ -193,16 +214,23 @@ def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool) ->
     ctx = initialize(cfg.parallel, cfg.runtime)
     teacher_model = cfg.model
     student_model = dataclasses.replace(teacher_model, num_layers=teacher_model.num_layers // 2)
+    if teacher_ckpt:
+        teacher_model = ckpt.read_header(teacher_ckpt).model
+        student_model = ckpt.read_header(student_ckpt).model
     cfg = dataclasses.replace(cfg, model=student_model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, student_model.vocab_size, (mbs, seq + 1), generator=g)
     batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(mbs, seq),
              "position_ids": torch.arange(seq).expand(mbs, -1)}
-    teacher = build_model(teacher_model, cfg.parallel, cfg.runtime, ctx.device)[0]
-    teacher.eval().requires_grad_(False)
+    teacher = build_model(teacher_model, cfg.parallel, cfg.runtime, ctx.device)
+    if teacher_ckpt:
+        ckpt.load(teacher_ckpt, teacher)
+    teacher = teacher[0].eval().requires_grad_(False)
 
     def trainer(make_step):
         raw = build_model(student_model, cfg.parallel, cfg.runtime, ctx.device)
+        if student_ckpt:
+            ckpt.load(student_ckpt, raw)
         step = make_step(raw)
         chunks = wrap_ddp(raw)
         opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
@@ -215,17 +243,38 @@ def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool) ->
     lm = trainer(lambda raw: LMStep(ctx.device))
     it = iter(lambda: batch, None)  # the same batch forever
 
+    tokens_on_device = batch["tokens"].to(ctx.device)
+    positions_on_device = batch["position_ids"].to(ctx.device)
+
     def teacher_forward():
         with torch.no_grad():
-            teacher(batch["tokens"], batch["position_ids"], None)
+            teacher(tokens_on_device, positions_on_device, None)
 
-    fns = {"kd": lambda: kd.train_step(it), "lm": lambda: lm.train_step(it),
-           "teacher": teacher_forward}
-    print(f"(a) teacher {teacher_model.num_layers} layers, student {student_model.num_layers}"
-          f", hidden {student_model.hidden_size}, vocab {student_model.padded_vocab_size}, "
-          f"batch {mbs}x{seq}, {precision}, hidden-state loss: {cfg.distill.hidden_loss}, "
-          f"threads {torch.get_num_threads()}")
+    def synced(fn):  # CUDA runs asynchronously: a step ends when its kernels have
+        def run():
+            fn()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    fns = {"kd": synced(lambda: kd.train_step(it)), "lm": synced(lambda: lm.train_step(it)),
+           "teacher": synced(teacher_forward)}
+    where = torch.cuda.get_device_name() if ctx.device.type == "cuda" else \
+        f"CPU, threads {torch.get_num_threads()}"
+    print(f"(a) teacher {teacher_model.num_layers} layers hidden {teacher_model.hidden_size}, "
+          f"student {student_model.num_layers} layers hidden {student_model.hidden_size} ffn "
+          f"{student_model.ffn_hidden_size}, vocab {student_model.padded_vocab_size}, batch "
+          f"{mbs}x{seq}, {precision}, hidden-state loss: {cfg.distill.hidden_loss}, {where}")
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    tokens = mbs * seq  # per step
+    flops = {"kd": flops_per_token(student_model, seq, True) +
+             flops_per_token(teacher_model, seq, False),
+             "lm": flops_per_token(student_model, seq, True),
+             "teacher": flops_per_token(teacher_model, seq, False)}
+    record = {"device": where, "batch": [mbs, seq], "precision": precision,
+              "teacher_params": teacher_model.num_parameters(),
+              "student_params": student_model.num_parameters(),
+              "flops_per_token": flops, "peak_tflops": peak_tflops}
     # wall time, then CPU time of this process (steadier when other jobs share the cores)
     for clock, what in ((time.perf_counter, "wall"), (time.process_time, "CPU")):
         times = interleaved(fns, rounds, clock=clock)
@@ -233,6 +282,20 @@ def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool) ->
         print("  ".join(f"{k} {med(times[k]) * 1e3:.0f} ms" for k in fns) + f" ({what})")
         print(f"KD step / (student step + teacher forward), {what} time: "
               f"{ratio_summary(times['kd'], base)}")
+        record[what] = {"median_s": {k: med(v) for k, v in times.items()},
+                        "kd_over_lm_plus_teacher": ratio_summary(times["kd"], base)}
+    wall = record["wall"]["median_s"]
+    for k in fns:
+        tps = tokens / wall[k]
+        line = f"{k:>7}: {tps:9.0f} tokens/s, {flops[k] / 1e6:.1f} MFLOP/token"
+        record.setdefault("tokens_per_s", {})[k] = tps
+        if peak_tflops and ctx.device.type == "cuda":
+            mfu = tps * flops[k] / (peak_tflops * 1e12)
+            record.setdefault("mfu", {})[k] = mfu
+            line += f", MFU {100 * mfu:.1f} % of {peak_tflops:g} TFLOP/s"
+        print(line)
+    if json_out:
+        Path(json_out).write_text(json.dumps(record, indent=2) + "\n")
     teardown()
 
 
@@ -253,6 +316,10 @@ def main():
     parser.add_argument("--seq", type=int, default=256, help="(a) sequence length")
     parser.add_argument("--mbs", type=int, default=4, help="(a) micro-batch size")
     parser.add_argument("--hidden", action="store_true", help="(a) add two hidden-state pairs")
+    parser.add_argument("--teacher", help="(a) teacher checkpoint (default: llama_10m shape)")
+    parser.add_argument("--student", help="(a) student checkpoint (with --teacher)")
+    parser.add_argument("--peak-tflops", type=float, help="(a) the device's peak, for MFU")
+    parser.add_argument("--json", help="(a) write the figures to this file")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
@@ -261,7 +328,10 @@ def main():
                                  int(hidden))))
         return
     if args.part in ("a", "all"):
-        step_speed(args.rounds, args.precision, args.seq, args.mbs, args.hidden)
+        if bool(args.teacher) != bool(args.student):
+            parser.error("--teacher and --student go together")
+        step_speed(args.rounds, args.precision, args.seq, args.mbs, args.hidden, args.teacher,
+                   args.student, args.peak_tflops, args.json)
     if args.part == "a":
         return
     tokens = args.tokens or (2048 if args.quick else 8192)

@@ -9,6 +9,12 @@ Ours: `minitron distill`'s step (KDStep in the one training loop: megatron-core 
 megatron optimizer with clipping, fused output-layer forward-KL loss unless fused=false).
 
     python bench/kd_vs_hf.py [rounds=5] [mbs=4] [seq=512] [precision=fp32|bf16] [fused=true]
+                             [device=auto|cpu|cuda] [teacher=smollm2|random]
+
+teacher=random needs no download (machines without the internet, such as the lent GPU): the
+teacher is SmolLM2-135M's shape randomly initialised and the student is it pruned by magnitude
+scores (bench/smollm2.py), both made on the spot; the speed comparison holds, the loss values
+mean nothing.
 
 Prints tokens/s (median and range over rounds), peak extra RSS per step (CPU: the kernel's
 high-water mark, reset before each step; GPU: peak allocated), and last the ratio ours / naive.
@@ -27,7 +33,7 @@ from stats import interleaved, ratio_summary  # noqa: E402
 
 WORK = "/tmp/minitron_bench_smollm2"
 DEFAULTS = {"rounds": 5, "mbs": 4, "seq": 512, "precision": "fp32", "fused": "true",
-            "work": WORK}
+            "device": "auto", "teacher": "smollm2", "work": WORK}
 
 
 def cpu_description() -> str:
@@ -92,7 +98,7 @@ def ours(k, teacher_ckpt: str, student_ckpt: str):
     teacher_model = ckpt.read_header(teacher_ckpt).model
     cfg = load_config([f"data.seq_length={k['seq']}", f"train.micro_batch_size={k['mbs']}",
                        f"train.global_batch_size={k['mbs']}", f"runtime.precision={k['precision']}",
-                       "logger.backend=none", "train.train_iters=1000",
+                       f"runtime.device={k['device']}", "logger.backend=none", "train.train_iters=1000",
                        "train.optimizer.lr=3e-4", "train.optimizer.lr_warmup_iters=0",
                        f"distill.fused_output={k['fused']}"])
     import dataclasses
@@ -150,12 +156,18 @@ def main():
     from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
 
     work = Path(k["work"])
-    teacher_ckpt = teacher_checkpoint(str(work))
-    student_ckpt = pruned_checkpoint(str(work), "activation")
-    student_hf = work / "hf_student_activation"
+    teacher_ckpt = teacher_checkpoint(str(work), k["teacher"])
+    source = "activation" if k["teacher"] == "smollm2" else "magnitude"  # random: no data
+    student_ckpt = pruned_checkpoint(str(work), source, teacher=k["teacher"])
+    student_hf = work / f"hf_student_{Path(student_ckpt).name}"
     if not (student_hf / "config.json").exists():
         mcore_to_hf(student_ckpt, str(student_hf), dtype="float32")
-    teacher_hf = str(fetch_smollm2())
+    if k["teacher"] == "smollm2":
+        teacher_hf = str(fetch_smollm2())
+    else:
+        teacher_hf = str(work / "hf_teacher_random")
+        if not (Path(teacher_hf) / "config.json").exists():
+            mcore_to_hf(teacher_ckpt, teacher_hf, dtype="float32")
 
     trainer, device = ours(k, teacher_ckpt, student_ckpt)
     naive_step = naive(k, teacher_hf, str(student_hf), device)
@@ -187,7 +199,9 @@ def main():
     tokens = mbs * seq
     print(f"CPU: {cpu_description()}" if device.type == "cpu" else
           f"GPU: {torch.cuda.get_device_name()}")
-    print(f"teacher SmolLM2-135M, student {Path(student_ckpt).name} "
+    teacher_name = "SmolLM2-135M" if k["teacher"] == "smollm2" else \
+        "SmolLM2-135M-shaped, random init"
+    print(f"teacher {teacher_name}, student {Path(student_ckpt).name} "
           f"({trainer.cfg.model.num_layers} layers, hidden {trainer.cfg.model.hidden_size}, "
           f"ffn {trainer.cfg.model.ffn_hidden_size}), batch {mbs}x{seq} = {tokens} tokens/step, "
           f"{k['precision']}, fused output layer: {k['fused']}, {k['rounds']} rounds")

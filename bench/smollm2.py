@@ -1,6 +1,8 @@
 """SmolLM2-135M bench fixtures, shared by the pruning and distillation benches.
 
-    teacher_checkpoint(workdir)              SmolLM2-135M(-Instruct) as our checkpoint
+    teacher_checkpoint(workdir, teacher)     SmolLM2-135M(-Instruct) as our checkpoint, or
+                                             teacher="random": a randomly initialised model of
+                                             its shape (no download: GPU machines offline)
     scores(workdir, source, ...)             its importance scores on the demo corpus
     pruned_checkpoint(workdir, source, ...)  it pruned to ~half its non-embedding parameters
     heldout_loss(checkpoint, ...)            mean LM loss on held-out text (The Tempest)
@@ -33,6 +35,9 @@ MICRO_BATCH_SIZE = 4
 HELDOUT_SAMPLES = 16
 """Default held-out windows of SEQ_LENGTH tokens (~4k predicted tokens)."""
 SEED = 1234
+TEACHERS = ("smollm2", "random")
+"""teacher_checkpoint's kinds: the real SmolLM2-135M, or its shape randomly initialised (byte
+tokenizer; score it with the data-free "magnitude" / "random" sources)."""
 
 
 def _runtime():
@@ -65,11 +70,26 @@ def _key(knobs: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def teacher_checkpoint(workdir: str) -> str:
-    """SmolLM2-135M converted from Hugging Face (fetched once into the minitron cache)."""
+def teacher_checkpoint(workdir: str, teacher: str = "smollm2") -> str:
+    """SmolLM2-135M converted from Hugging Face (fetched once into the minitron cache), or with
+    teacher="random" conf/model/smollm2_135m.yaml randomly initialised (seed SEED, byte
+    tokenizer) by the pipeline's teacher stage (pipeline.teacher=init)."""
     from megatron_minitron.checkpoint.hf import hf_to_mcore
     from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
 
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher {teacher!r} is not one of {TEACHERS}")
+    if teacher == "random":
+        root = Path(workdir).expanduser() / "teacher_random"
+        if not _has_checkpoint(root / "checkpoint"):
+            from megatron_minitron.config.loader import load_config
+            from megatron_minitron.pipeline.stages import init_teacher
+
+            cfg = load_config(["model=smollm2_135m", "data.tokenizer.type=byte",
+                               "runtime.transformer_impl=local", "runtime.precision=fp32",
+                               f"runtime.seed={SEED}", "logger.backend=none"])
+            init_teacher(cfg, root)
+        return str(root / "checkpoint")
     root = Path(workdir).expanduser() / "teacher"
     if not _has_checkpoint(root):
         hf_to_mcore(str(fetch_smollm2()), str(root))  # sets up and tears down its own process
@@ -77,7 +97,7 @@ def teacher_checkpoint(workdir: str) -> str:
 
 
 def scores(workdir: str, source: str = "activation", num_samples: int = NUM_SAMPLES,
-           seq_length: int = SEQ_LENGTH) -> str:
+           seq_length: int = SEQ_LENGTH, teacher: str = "smollm2") -> str:
     """Path of the teacher's scores file for `source` ("activation": calibration on the demo
     corpus's train split, as `minitron importance` does; "magnitude" / "random": weights or
     seed only, the sample knobs are then ignored). Width scores and layer cosines only: the
@@ -86,8 +106,10 @@ def scores(workdir: str, source: str = "activation", num_samples: int = NUM_SAMP
 
     if source not in SOURCES:
         raise ValueError(f"source {source!r} is not one of {SOURCES}")
-    teacher = teacher_checkpoint(workdir)
     name = source if source != "activation" else f"{source}_n{num_samples}_s{seq_length}"
+    if teacher != "smollm2":
+        name = f"{teacher}_{name}"
+    teacher = teacher_checkpoint(workdir, teacher)
     path = Path(workdir).expanduser() / "scores" / f"{name}.safetensors"
     if path.is_file():
         return str(path)
@@ -123,21 +145,23 @@ def _calibration(checkpoint: str, cfg, seq_length: int, ctx):
 
 def pruned_checkpoint(workdir: str, source: str = "activation", fraction: float = 0.5,
                       num_samples: int = NUM_SAMPLES, seq_length: int = SEQ_LENGTH,
-                      **prune_fields) -> str:
+                      teacher: str = "smollm2", **prune_fields) -> str:
     """The teacher pruned to `fraction` of its non-embedding parameters with `source` scores.
     prune_fields are PruneConfig fields (budget_axes, head_mode, ffn_hidden_size_divisor...)."""
     from megatron_minitron.checkpoint.dist import read_header
     from megatron_minitron.config.prune import PruneConfig
     from megatron_minitron.pruning.slicing import prune_checkpoint
 
-    teacher = teacher_checkpoint(workdir)
-    scores_path = scores(workdir, source, num_samples, seq_length)
+    scores_path = scores(workdir, source, num_samples, seq_length, teacher)
+    knobs: Dict[str, Any] = {"fraction": fraction, **prune_fields}
+    if teacher != "smollm2":
+        knobs["teacher"] = teacher
+    teacher = teacher_checkpoint(workdir, teacher)
     src = read_header(teacher).model
     fields: Dict[str, Any] = dict(param_budget=int(fraction * src.num_parameters(False)),
                                   budget_include_embeddings=False, require_hf_export=True)
     fields.update(prune_fields)
     cfg = PruneConfig(**fields)
-    knobs = {"fraction": fraction, **prune_fields}
     if source == "activation":
         knobs.update(num_samples=num_samples, seq_length=seq_length)
     root = Path(workdir).expanduser() / "pruned" / f"{source}_{_key(knobs)}"
@@ -168,7 +192,8 @@ if __name__ == "__main__":
     from megatron_minitron.checkpoint.dist import read_header
 
     work = sys.argv[1] if len(sys.argv) > 1 else "/tmp/minitron_bench_smollm2"
-    teacher = teacher_checkpoint(work)
+    kind = sys.argv[2] if len(sys.argv) > 2 else "smollm2"
+    teacher = teacher_checkpoint(work, kind)
     print("teacher", read_header(teacher).model)
-    student = pruned_checkpoint(work, "random")
+    student = pruned_checkpoint(work, "random", teacher=kind)
     print("pruned (random scores)", read_header(student).model)
