@@ -2,7 +2,8 @@
 # Issue 19: prove the GPU path in one call on the lent GPU machine (one H200, no network,
 # Python 3.12 with its own CUDA torch). Writes everything to OUT: summary.json, summary.txt and
 # logs.tar.gz (the device tool brings back at most 8 files); each step is time-boxed and a
-# failed step does not stop the next. Total at most GPU_CHECK_BUDGET_S (default 450 s).
+# failed step does not stop the next. Total at most GPU_CHECK_BUDGET_S (default 450 s);
+# GPU_CHECK_STEPS="parity pipeline" reruns only those (after env and install).
 #
 #   bench/gpu_check.sh --fetch-wheels    here, with the internet: the carried wheels into .whl/
 #   bench/gpu_check.sh OUT               on the GPU machine (the device tool: carry [".whl"])
@@ -76,7 +77,11 @@ step() {
     left=$((DEADLINE - $(date +%s) - 15))  # 15 s kept for the summary and the tarball
     [ "$box" -gt "$left" ] && box=$left
     t0=$(date +%s%N)
-    if [ "$box" -lt 5 ]; then
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " env install $GPU_CHECK_STEPS " != *" $name "* ]]
+    then
+        echo "skipped: not in GPU_CHECK_STEPS=$GPU_CHECK_STEPS" >"$OUT/logs/$name.log"
+        rc=124
+    elif [ "$box" -lt 5 ]; then
         echo "skipped: out of time" >"$OUT/logs/$name.log"
         rc=125
     else
@@ -165,15 +170,15 @@ export DRY WORK OUT DEV MODEL PRECISION DISTILL_ITERS CORRECTION_ITERS PIPE_MODE
 STEP_DEFS="$(declare -p WHEELS PLATFORMS KD_ARGS KD_VS_HF)
 $(declare -f env_step install_step pipeline_step kd_speed_step)"
 echo "gpu_check: $(cat "$OUT/mode.txt"), work $WORK, budget ${BUDGET}s"
-step env 20 env_step
-step install 45 install_step
-step ceiling 20 python3 bench/gpu_check.py ceiling "$OUT/ceiling.json"
-step tests 60 python3 -m pytest -q -rs -o timeout=55 tests/test_gpu.py \
+step env 15 env_step
+step install 40 install_step
+step ceiling 15 python3 bench/gpu_check.py ceiling "$OUT/ceiling.json"
+step tests 45 python3 -m pytest -q -rs -o timeout=40 tests/test_gpu.py \
     tests/test_importance.py::test_transformer_engine_spec_scores_like_the_local_spec
-step parity 90 python3 bench/gpu_check.py parity "$WORK/parity" "$OUT/parity.json" $DEV $MODEL
-step pipeline 110 pipeline_step
-step fixtures 40 python3 bench/gpu_check.py fixtures "$WORK/bench"
-step kd_vs_hf 45 python3 bench/kd_vs_hf.py teacher=random "work=$WORK/bench" device=$DEV \
+step parity 120 python3 bench/gpu_check.py parity "$WORK/parity" "$OUT/parity.json" $DEV $MODEL
+step pipeline 120 pipeline_step
+step fixtures 30 python3 bench/gpu_check.py fixtures "$WORK/bench"
+step kd_vs_hf 40 python3 bench/kd_vs_hf.py teacher=random "work=$WORK/bench" device=$DEV \
     precision=$PRECISION "${KD_VS_HF[@]}"
 step kd_step 30 kd_speed_step
 
