@@ -70,6 +70,7 @@ fi
 
 # step NAME SECONDS CMD...: runs CMD under timeout (capped by the time left), logs to
 # OUT/logs/NAME.log, records "NAME rc seconds log" in steps.tsv, refreshes the summary.
+# rc 124: its time box ran out; 253: not in GPU_CHECK_STEPS; 254: no time was left for it.
 step() {
     local name=$1 box=$2 t0 rc left ms
     shift 2
@@ -80,10 +81,10 @@ step() {
     if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " env install $GPU_CHECK_STEPS " != *" $name "* ]]
     then
         echo "skipped: not in GPU_CHECK_STEPS=$GPU_CHECK_STEPS" >"$OUT/logs/$name.log"
-        rc=124
+        rc=253
     elif [ "$box" -lt 5 ]; then
         echo "skipped: out of time" >"$OUT/logs/$name.log"
-        rc=125
+        rc=254
     else
         echo "== $name (time box ${box}s): $*" | tee "$OUT/logs/$name.log"
         timeout -k 5 "$box" bash -c "$STEP_DEFS"'; "$@"' "$name" "$@" \
