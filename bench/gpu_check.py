@@ -129,24 +129,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def parity(work: str, out_json: str, device: str, model: str) -> None:
-    from safetensors.torch import load_file
-
-    from megatron_minitron.checkpoint import dist as ckpt
-    from megatron_minitron.config.loader import load_config
-    from megatron_minitron.pipeline.stages import init_teacher
-
-    w = Path(work)
-    w.mkdir(parents=True, exist_ok=True)
-    log = open(w / "parity_children.log", "a")
-    teacher = w / "teacher"
-    if ckpt.resolve(str(teacher / "checkpoint")) is None:
-        init_teacher(load_config([f"model={model}", "data.tokenizer.type=byte",
-                                  "runtime.device=cpu", "runtime.precision=fp32", *RUNTIME]),
-                     teacher)
-    teacher = str(ckpt.resolve(str(teacher / "checkpoint")))
-    m = ckpt.read_header(teacher).model
-    devices = {"cpu": "cpu", "dev": device}
+def _on_each_device(w: Path, teacher: str, m, devices, log) -> None:
+    """Logits, `minitron importance`, `minitron prune` (with the CPU's scores) and `minitron
+    convert` of the teacher on each device, each in its own process."""
     for name, dev in devices.items():
         for precision in ("fp32", "bf16") if name == "dev" else ("fp32",):
             _run([sys.executable, __file__, "forward", teacher, dev, precision,
@@ -165,6 +150,28 @@ def parity(work: str, out_json: str, device: str, model: str) -> None:
         _run(CLI + ["convert", "convert.direction=mcore_to_hf",
                     f"convert.input={w}/pruned_{name}", f"convert.output={w}/hf_{name}",
                     f"runtime.device={dev}", *RUNTIME], log)
+
+
+def parity(work: str, out_json: str, device: str, model: str) -> None:
+    """The module docstring's checks; exits 1 when one fails (parity.json says which)."""
+    from safetensors.torch import load_file
+
+    from megatron_minitron.checkpoint import dist as ckpt
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.pipeline.stages import init_teacher
+
+    w = Path(work)
+    w.mkdir(parents=True, exist_ok=True)
+    teacher = w / "teacher"
+    if ckpt.resolve(str(teacher / "checkpoint")) is None:
+        init_teacher(load_config([f"model={model}", "data.tokenizer.type=byte",
+                                  "runtime.device=cpu", "runtime.precision=fp32", *RUNTIME]),
+                     teacher)
+    teacher = str(ckpt.resolve(str(teacher / "checkpoint")))
+    m = ckpt.read_header(teacher).model
+    devices = {"cpu": "cpu", "dev": device}
+    with open(w / "parity_children.log", "a") as log:
+        _on_each_device(w, teacher, m, devices, log)
     ref = torch.load(w / "logits_cpu_fp32.pt")
     checks = {}
     for precision, tol in (("fp32", FP32_LOGITS_TOL), ("bf16", BF16_LOGITS_TOL)):
