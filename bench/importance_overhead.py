@@ -68,7 +68,7 @@ def main(argv):
     from megatron_minitron.checkpoint.dist import load, read_header
     from megatron_minitron.config.importance import ImportanceConfig
     from megatron_minitron.config.parallel import ParallelConfig
-    from megatron_minitron.importance.runner import compute_importance, forward_pass
+    from megatron_minitron.importance.runner import calibration_pass, compute_importance
     from megatron_minitron.models.builder import build_model
 
     k = parse(argv)
@@ -89,7 +89,7 @@ def main(argv):
             c.eval()
         cpu = CpuTimes(warmup=1)
         times = interleaved({
-            "forward": cpu.wrap("forward", lambda: forward_pass(chunks, make_batches, ctx)),
+            "forward": cpu.wrap("forward", lambda: calibration_pass(chunks, make_batches, ctx)),
             "importance": cpu.wrap("importance", lambda: compute_importance(
                 chunks, model, cfg, make_batches, ctx)),
         }, rounds=k["rounds"], warmup=1)

@@ -171,7 +171,7 @@ def test_teacher_and_student_vocabularies_are_checked_before_loading():
     from megatron_minitron.checkpoint.dist import CheckpointHeader
     from megatron_minitron.config.errors import ConfigError
     from megatron_minitron.config.loader import load_config
-    from megatron_minitron.training.lm import check_vocabularies
+    from megatron_minitron.distill.teacher import check_vocabularies
 
     cfg = load_config(["model=tiny"])
     padded = dataclasses.replace(cfg.model, make_vocab_size_divisible_by=1000)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.config.distill import DistillConfig
-from megatron_minitron.importance.hooks import HookSet
+from megatron_minitron.models.hooks import HookSet
 
 EMBEDDING = 0
 """Layer number of the embedding output (the input of layer 1)."""

@@ -19,8 +19,8 @@ from megatron_minitron.distill.hidden import EMBEDDING, HiddenStateLoss, StateCa
 from megatron_minitron.distill.losses import logit_distillation_loss
 from megatron_minitron.distill.pipeline import StageChannel
 from megatron_minitron.models.builder import unwrap
+from megatron_minitron.models.forward import to_device
 from megatron_minitron.models.output_layer import hidden_states_out, output_weight
-from megatron_minitron.training.lm_step import to_device
 
 
 class KDStep:

@@ -2,7 +2,7 @@
 
 The numbers are megatron's LM loss (the mean token cross-entropy the training loop reports as
 `lm_loss`, over the model's padded vocabulary) and perplexity = exp(loss), summed over every
-predicted token of every DP rank. The forward passes are importance.runner.forward_pass (the
+predicted token of every DP rank. The forward passes are models.forward.forward_pass (the
 one forward-only loop, megatron's pipeline schedule); this module only makes batches and sums.
 
 Usage from a plain process (one rank, or each rank of a torchrun job):
@@ -123,11 +123,13 @@ def split_batches(data: DataConfig, tokenizer: Tokenizer, split: str, num_sample
 def evaluate(chunks: List[torch.nn.Module], batches: List[Batch], ctx) -> EvalResult:
     """Loss and perplexity of the model in `chunks` over every rank's batches; the same
     EvalResult on every rank."""
-    from megatron_minitron.importance.runner import all_reduce_sum, forward_pass
+    from megatron_minitron.models.forward import forward_pass
+    from megatron_minitron.runtime.collectives import all_reduce_sum
 
     for c in chunks:
         c.eval()
-    total = forward_pass(chunks, lambda: iter(batches), ctx)  # [loss sum, tokens] fp64
+    # [loss sum, tokens] fp64
+    total = forward_pass(chunks, lambda: iter(batches), ctx, "eval.num_samples")
     all_reduce_sum([total], ctx)
     tokens = int(total[1])
     if tokens == 0:

@@ -30,8 +30,9 @@ import torch
 from megatron_minitron.config.importance import ImportanceConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance.depth import blocks
-from megatron_minitron.importance.hooks import is_fused_norm, transformer_layers
 from megatron_minitron.importance.scores import Scores, ScoresHeader, model_config_hash
+from megatron_minitron.models.layers import is_fused_norm, transformer_layers
+from megatron_minitron.runtime.collectives import all_reduce_sum
 
 
 def _header(model: ModelConfig, source: str, ctx, **extra) -> ScoresHeader:
@@ -127,8 +128,6 @@ def magnitude_sums(chunks: List[torch.nn.Module], model: ModelConfig, tp_rank: i
 
 def magnitude_scores(chunks: List[torch.nn.Module], model: ModelConfig, ctx) -> Scores:
     """Weight-magnitude width scores of the model in `chunks`, identical on every rank."""
-    from megatron_minitron.importance.runner import all_reduce_sum
-
     s = magnitude_sums(chunks, model, ctx.tp_rank)
     all_reduce_sum(s.values(), ctx)
     norm = {k: (v / ctx.dp_size).sqrt() for k, v in s.items()}

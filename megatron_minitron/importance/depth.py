@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.importance.aggregation import Stats, TokenMask
-from megatron_minitron.importance.hooks import HookSet, transformer_layers
+from megatron_minitron.models.hooks import HookSet
+from megatron_minitron.models.layers import transformer_layers
 
 
 def _hidden_in(args, kwargs) -> torch.Tensor:

@@ -24,11 +24,8 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance.aggregation import (Stats, TokenMask, accumulate, head_norms,
                                                       projected_head_norms, reduce_sequence)
-
-
-def first_input(args, kwargs) -> torch.Tensor:
-    """The activation a linear layer is called with (positional in megatron-core and TE)."""
-    return args[0] if args else next(iter(kwargs.values()))
+from megatron_minitron.models.hooks import HookSet, first_input
+from megatron_minitron.models.layers import final_norms, is_fused_norm, transformer_layers
 
 
 def normalised(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
@@ -48,36 +45,6 @@ def fused_norm_output(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return normalised(x, linear.layer_norm_weight, getattr(linear, "layer_norm_bias", None),
                       float(linear.eps), linear.normalization,
                       bool(getattr(linear, "zero_centered_gamma", False)))
-
-
-def is_fused_norm(linear: torch.nn.Module) -> bool:
-    return hasattr(linear, "layer_norm_weight")
-
-
-def transformer_layers(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
-    """This rank's TransformerLayers over all model chunks (layer_number is global, 1-based)."""
-    from megatron_minitron.models.builder import unwrap
-
-    return [layer for c in chunks for layer in unwrap(c).decoder.layers]
-
-
-def final_norms(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
-    from megatron_minitron.models.builder import unwrap
-
-    norms = [getattr(unwrap(c).decoder, "final_layernorm", None) for c in chunks]
-    return [n for n in norms if n is not None]
-
-
-class HookSet:
-    """Forward hooks registered on __enter__ (by subclasses) and all removed on __exit__."""
-
-    handles: list
-
-    def __exit__(self, *exc) -> bool:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        return False
 
 
 class WidthHooks(HookSet):

@@ -7,7 +7,6 @@ the only communication here) assembles them; sample aggregation happens after it
 
 import dataclasses
 from contextlib import ExitStack
-from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -17,88 +16,31 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.importance import ImportanceConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance import aggregation as agg
+from megatron_minitron.importance.baselines import magnitude_scores, random_scores
 from megatron_minitron.importance.depth import CosineHooks, blocks, skip_layers
 from megatron_minitron.importance.hooks import WidthHooks
 from megatron_minitron.importance.scores import Scores, ScoresHeader, model_config_hash
+from megatron_minitron.models.forward import Batch, MakeBatches, forward_pass
+from megatron_minitron.runtime.collectives import all_reduce_sum
 from megatron_minitron.runtime.progress import Progress
 
-Batch = Dict[str, torch.Tensor]
-MakeBatches = Callable[[], Iterable[Batch]]
-"""Returns a fresh iterable of this DP rank's calibration micro-batches: tokens, labels,
-position_ids (int64 [b, s]) and loss_mask (float [b, s]); every call yields the same batches."""
 
-
-def all_reduce_sum(tensors: Iterable[torch.Tensor], ctx) -> None:
-    """Sum in place over the TP, PP and DP groups: the whole grid of ranks."""
-    if ctx is None or ctx.world_size == 1:
-        return
-    for t in tensors:
-        buf = t.to(ctx.device)  # NCCL reduces device tensors only; no copy under gloo/CPU
-        for group in (ctx.tp_group, ctx.pp_group, ctx.dp_group):
-            dist.all_reduce(buf, group=group)
-        if buf is not t:
-            t.copy_(buf)
-
-
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    # [b, s] per-token losses -> masked sum, token count (megatron's 3-tuple form)
-    mask = loss_mask.reshape(-1).float()
-    total = torch.sum(per_token_loss.reshape(-1).float() * mask)
-    report = torch.stack([total.detach().clone(), mask.sum().detach()])
-    return total, mask.sum().to(torch.int), {"lm_loss": report}
-
-
-def _forward_step(device: torch.device, on_batch: Optional[Callable[[Batch], None]],
-                  data_iterator, model):
-    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
-    if on_batch is not None:  # every stage runs its micro-batches in order: set, then forward
-        on_batch(batch)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
-
-
-def _counting(batches: List[Batch], stats: Optional[agg.Stats]):
-    for b in batches:
-        if stats is not None:  # a sample that is all padding is no sample
-            stats["samples"] += int((b["loss_mask"] > 0).any(dim=1).sum())
-        yield b
-
-
-def forward_pass(chunks: List[torch.nn.Module], make_batches: MakeBatches, ctx,
+def calibration_pass(chunks: List[torch.nn.Module], make_batches: MakeBatches, ctx,
                  stats: Optional[agg.Stats] = None,
                  on_batch: Optional[Callable[[Batch], None]] = None) -> torch.Tensor:
-    """One forward-only pass through megatron's schedule (any PP/VPP). Returns this rank's
-    [masked loss sum, token count] in fp64: nonzero on last-stage TP rank 0 only. Counts
-    samples into stats["samples"] on first-stage TP rank 0. on_batch(batch) runs before each
-    micro-batch's forward on every stage (the hooks' token mask)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """models.forward.forward_pass over the calibration batches, counting samples into
+    stats["samples"] (first-stage TP rank 0)."""
+    def count(n: int) -> None:
+        stats["samples"] += n
 
-    batches = list(make_batches())
-    if not batches:
-        raise ConfigError("importance.num_samples", "this rank got no calibration batches",
-                          "use at least micro_batch_size x data-parallel size samples")
-    b, s = batches[0]["tokens"].shape
-    owner = stats if (ctx.tp_rank == 0 and ctx.pp_rank == 0) else None
-    # VPP: one iterator per chunk; only the first counts samples
-    iters = [_counting(batches, owner if i == 0 else None) for i in range(len(chunks))]
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, ctx.device, on_batch),
-            data_iterator=iters if len(chunks) > 1 else iters[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=s, micro_batch_size=b,
-            forward_only=True)
-    local = torch.zeros(2, dtype=torch.float64)
-    if ctx.is_last_stage and ctx.tp_rank == 0:
-        for report in out:
-            local += report["lm_loss"].double().cpu()
-    return local
+    return forward_pass(chunks, make_batches, ctx, "importance.num_samples", on_batch,
+                        None if stats is None else count)
 
 
 def mean_loss(chunks, make_batches: MakeBatches, ctx, skip: Iterable[int] = ()) -> float:
     """Global mean LM loss over the calibration tokens with the given layers skipped."""
     with skip_layers(chunks, skip):
-        total = forward_pass(chunks, make_batches, ctx)
+        total = calibration_pass(chunks, make_batches, ctx)
     all_reduce_sum([total], ctx)
     return float(total[0] / total[1].clamp_min(1.0))
 
@@ -139,7 +81,7 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
                                                ctx.tp_rank, ctx.tp_size, mask, cfg.head_score))
             if cfg.depth_cosine:
                 hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank, mask))
-            base = forward_pass(chunks, make_batches, ctx, stats,
+            base = calibration_pass(chunks, make_batches, ctx, stats,
                                 on_batch=lambda b: mask.set(b["loss_mask"]))
         all_reduce_sum([base, *stats.values()], ctx)
         base_loss = float(base[0] / base[1].clamp_min(1.0))
@@ -189,7 +131,6 @@ def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: Optio
     """Build the checkpoint's model for this layout, load it, score it by cfg.source; rank 0
     writes `output`. The baselines need no make_batches (random needs no weights either)."""
     from megatron_minitron.checkpoint.dist import load, read_header
-    from megatron_minitron.importance.baselines import magnitude_scores, random_scores
     from megatron_minitron.importance.scores import save_scores
     from megatron_minitron.models.builder import build_model
 

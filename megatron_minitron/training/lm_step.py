@@ -1,27 +1,14 @@
 """The LM step: what one micro-batch contributes to the loss. The loop is shared; steps vary."""
 
 from functools import partial
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
 from megatron_minitron.distill.fused_output import fused_cross_entropy_loss, schedule_loss_scale
 from megatron_minitron.models.builder import unwrap
+from megatron_minitron.models.forward import masked_token_loss, to_device
 from megatron_minitron.models.output_layer import hidden_states_out, output_weight
-
-
-def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Sum of the masked per-token losses, with the token count, in megatron's 3-tuple form."""
-    mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(per_token_loss.reshape(-1).float() * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss.detach(), num_tokens.detach().float()])
-    return loss, num_tokens, {"lm_loss": report}
-
-
-def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
 
 
 class LMStep:
