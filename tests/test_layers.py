@@ -125,6 +125,26 @@ def test_no_import_cycle():
     assert not bad, bad
 
 
+MODEL_LAYOUT = {"decoder", "self_attention", "mlp", "embedding", "word_embeddings",
+                "final_layernorm", "output_layer"}
+"""GPTModel / TransformerLayer attributes only models/ reaches: elsewhere models/layers.py's
+accessors (its typed Layer names a layer's linears and norms)."""
+
+
+def layout_reaches(path: Path) -> list[str]:
+    return [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: .{node.attr}"
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Attribute) and node.attr in MODEL_LAYOUT]
+
+
+def test_only_models_reaches_into_the_model_layout():
+    bad = [line for f in sorted(PACKAGE.rglob("*.py")) if package_of(module_name(f)) != "models"
+           for line in layout_reaches(f)]
+    for line in bad:
+        print("model layout reached outside models/:", line)
+    assert not bad, "\n".join(bad)
+
+
 def test_the_checker_can_fail():
     graph = {"megatron_minitron.models.x": {"megatron_minitron.training.y"},
              "megatron_minitron.training.y": {"megatron_minitron.models.x"},
@@ -135,6 +155,18 @@ def test_the_checker_can_fail():
         "megatron_minitron.models.x -> megatron_minitron.training.y: up a layer "
         "(models below training)"]
     assert cycles(graph) == [["megatron_minitron.models.x", "megatron_minitron.training.y"]]
+
+
+def test_the_layout_checker_can_fail(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("n = len(gpt.decoder.layers)\nw = layer.self_attention.linear_qkv\n")
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, tmp_path
+    try:
+        assert sorted(line.split(": ")[1] for line in layout_reaches(f)) == [
+            ".decoder", ".self_attention"]
+    finally:
+        PACKAGE = saved
 
 
 def test_relative_and_function_level_imports_are_seen(tmp_path):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.models.hooks import HookSet
+from megatron_minitron.models.layers import decoder_layers, embedding
 
 EMBEDDING = 0
 """Layer number of the embedding output (the input of layer 1)."""
@@ -121,8 +122,8 @@ class StateCapture(HookSet):
         self.handles = []
         wanted = set(layers)
         if EMBEDDING in wanted and gpt.pre_process:
-            self.handles.append(gpt.embedding.register_forward_hook(self._keep(EMBEDDING)))
-        for layer in gpt.decoder.layers:
+            self.handles.append(embedding(gpt).register_forward_hook(self._keep(EMBEDDING)))
+        for layer in decoder_layers(gpt):
             if layer.layer_number in wanted:
                 self.handles.append(layer.register_forward_hook(self._keep(layer.layer_number)))
 

@@ -20,6 +20,7 @@ from megatron_minitron.distill.losses import logit_distillation_loss
 from megatron_minitron.distill.pipeline import StageChannel
 from megatron_minitron.models.builder import unwrap
 from megatron_minitron.models.forward import to_device
+from megatron_minitron.models.layers import decoder_input, layer_numbers
 from megatron_minitron.models.output_layer import hidden_states_out, output_weight
 
 
@@ -49,8 +50,7 @@ class KDStep:
         self.hidden: Optional[HiddenStateLoss] = None
         names = []
         if cfg.uses_hidden_states:
-            here = ([EMBEDDING] if self.first else []) + [
-                layer.layer_number for layer in s_gpt.decoder.layers]
+            here = ([EMBEDDING] if self.first else []) + layer_numbers(s_gpt)
             self.hidden = HiddenStateLoss(cfg, s_gpt.config.hidden_size,
                                           t_gpt.config.hidden_size, here, seed,
                                           dtype=s_gpt.config.params_dtype).to(device)
@@ -69,7 +69,7 @@ class KDStep:
         carried: Dict[str, torch.Tensor] = {}
         if not self.first:  # the schedule gave the student the widened tensor: share it out
             s_gpt = unwrap(model)
-            student_in, teacher_in, carried = self.channel.split(s_gpt.decoder.input_tensor)
+            student_in, teacher_in, carried = self.channel.split(decoder_input(s_gpt))
             s_gpt.set_input_tensor(student_in)
             unwrap(self.teacher).set_input_tensor(teacher_in.to(self.teacher_dtype))
         t_gpt, s_gpt = unwrap(self.teacher), unwrap(model)

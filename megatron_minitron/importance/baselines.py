@@ -31,7 +31,9 @@ from megatron_minitron.config.importance import ImportanceConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance.depth import blocks
 from megatron_minitron.importance.scores import Scores, ScoresHeader, model_config_hash
-from megatron_minitron.models.layers import is_fused_norm, transformer_layers
+from megatron_minitron.models.builder import unwrap
+from megatron_minitron.models.layers import final_norm, is_fused_norm, layers, word_embeddings
+from megatron_minitron.models.output_layer import output_weight
 from megatron_minitron.runtime.collectives import all_reduce_sum
 
 
@@ -81,8 +83,6 @@ def _sq_cols(w: torch.Tensor) -> torch.Tensor:
 def magnitude_sums(chunks: List[torch.nn.Module], model: ModelConfig, tp_rank: int
                    ) -> Dict[str, torch.Tensor]:
     """This rank's squared-norm contributions, global-shaped (sum them over all ranks)."""
-    from megatron_minitron.models.builder import unwrap
-
     L, h, f = model.num_layers, model.hidden_size, model.ffn_hidden_size
     nq, ng, hn, hpg = (model.num_attention_heads, model.num_query_groups, model.kv_channels,
                        model.heads_per_group)
@@ -91,38 +91,35 @@ def magnitude_sums(chunks: List[torch.nn.Module], model: ModelConfig, tp_rank: i
     s = {"fc1": z(L, f), "fc2": z(L, f), "value": z(L, ng), "proj": z(L, nq),
          "writes": z(h), "reads": z(h)}
     zc = bool(getattr(unwrap(chunks[0]).config, "layernorm_zero_centered_gamma", False))
-    for layer in transformer_layers(chunks):
-        i = layer.layer_number - 1
-        attn, mlp = layer.self_attention, layer.mlp
+    for layer in layers(chunks):
+        i = layer.number - 1
         # fc1: [(2)f/tp, h] -> [(2), f/tp, h]; the gated halves are [gate; up] on every rank
-        halves = mlp.linear_fc1.weight.reshape(2 if model.gated_linear_unit else 1, -1, h)
+        halves = layer.linear_fc1.weight.reshape(2 if model.gated_linear_unit else 1, -1, h)
         f_loc = halves.shape[1]
         s["fc1"][i, tp_rank * f_loc:(tp_rank + 1) * f_loc] += \
             halves.detach().float().pow(2).sum(dim=(0, 2))
-        s["fc2"][i, tp_rank * f_loc:(tp_rank + 1) * f_loc] += _sq_cols(mlp.linear_fc2.weight)
+        s["fc2"][i, tp_rank * f_loc:(tp_rank + 1) * f_loc] += _sq_cols(layer.linear_fc2.weight)
         # qkv: [ng/tp * (hpg+2) * hn, h] -> [ng/tp, hpg+2, hn, h]; slot hpg+1 holds v
-        per_group = attn.linear_qkv.weight.reshape(-1, hpg + 2, hn, h)
+        per_group = layer.linear_qkv.weight.reshape(-1, hpg + 2, hn, h)
         g_loc = per_group.shape[0]
         s["value"][i, tp_rank * g_loc:(tp_rank + 1) * g_loc] += \
             per_group[:, hpg + 1].detach().float().pow(2).sum(dim=(1, 2))
         # proj: [h, nq/tp * hn] -> [nq/tp] per head
-        proj_cols = _sq_cols(attn.linear_proj.weight).reshape(-1, hn).sum(dim=-1)
+        proj_cols = _sq_cols(layer.linear_proj.weight).reshape(-1, hn).sum(dim=-1)
         s["proj"][i, tp_rank * proj_cols.numel():(tp_rank + 1) * proj_cols.numel()] += proj_cols
-        s["writes"] += _sq_rows(attn.linear_proj.weight) + _sq_rows(mlp.linear_fc2.weight)
-        for linear, norm, name in ((attn.linear_qkv, layer.input_layernorm, "weight"),
-                                   (mlp.linear_fc1, layer.pre_mlp_layernorm, "weight")):
+        s["writes"] += _sq_rows(layer.linear_proj.weight) + _sq_rows(layer.linear_fc2.weight)
+        for linear, norm, name in ((layer.linear_qkv, layer.input_layernorm, "weight"),
+                                   (layer.linear_fc1, layer.pre_mlp_layernorm, "weight")):
             if is_fused_norm(linear):
                 norm, name = linear, "layer_norm_weight"
             s["reads"] += _norm_gain(norm, name, zc).pow(2) * _sq_cols(linear.weight)
     for c in chunks:
         gpt = unwrap(c)
         if gpt.pre_process:  # vocab-parallel rows: column norms sum over TP ranks
-            s["writes"] += _sq_cols(gpt.embedding.word_embeddings.weight)
+            s["writes"] += _sq_cols(word_embeddings(gpt).weight)
         if gpt.post_process:
-            out = (gpt.shared_embedding_or_output_weight()
-                   if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight)
-            s["reads"] += _norm_gain(gpt.decoder.final_layernorm, "weight", zc).pow(2) * \
-                _sq_cols(out)
+            s["reads"] += _norm_gain(final_norm(gpt), "weight", zc).pow(2) * \
+                _sq_cols(output_weight(gpt))
     return s
 
 

@@ -25,7 +25,7 @@ from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance.aggregation import (Stats, TokenMask, accumulate, head_norms,
                                                       projected_head_norms, reduce_sequence)
 from megatron_minitron.models.hooks import HookSet, first_input
-from megatron_minitron.models.layers import final_norms, is_fused_norm, transformer_layers
+from megatron_minitron.models.layers import final_norms, is_fused_norm, layers
 
 
 def normalised(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
@@ -97,16 +97,16 @@ class WidthHooks(HookSet):
 
     def __enter__(self) -> "WidthHooks":
         L = self.model.num_layers
-        for layer in transformer_layers(self.chunks):
-            i = layer.layer_number - 1
-            mlp, attn = layer.mlp, layer.self_attention
-            if not hasattr(mlp, "linear_fc2"):
+        for layer in layers(self.chunks):
+            i = layer.number - 1
+            if not layer.is_dense:
                 raise ConfigError("model", f"layer {i + 1} has no dense MLP (mixture of experts?)",
                                   "importance supports dense GPT layers only")
-            self._pre(mlp.linear_fc2, lambda x, i=i: self._neurons(i, x))
-            self._pre(attn.linear_proj, lambda x, i=i, p=attn.linear_proj: self._heads(i, x, p))
-            self._norm_site(layer.input_layernorm, attn.linear_qkv, 2 * i)
-            self._norm_site(layer.pre_mlp_layernorm, mlp.linear_fc1, 2 * i + 1)
+            self._pre(layer.linear_fc2, lambda x, i=i: self._neurons(i, x))
+            proj = layer.linear_proj
+            self._pre(proj, lambda x, i=i, p=proj: self._heads(i, x, p))
+            self._norm_site(layer.input_layernorm, layer.linear_qkv, 2 * i)
+            self._norm_site(layer.pre_mlp_layernorm, layer.linear_fc1, 2 * i + 1)
         for norm in final_norms(self.chunks):
             self._norm_site(norm, norm, 2 * L)
         return self

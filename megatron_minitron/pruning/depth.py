@@ -1,6 +1,5 @@
 """Depth pruning: which layers survive, and renumbering the survivors' state-dict keys."""
 
-import re
 from typing import Dict, List, Optional
 
 import torch
@@ -9,8 +8,7 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.prune import PruneConfig
 from megatron_minitron.importance.scores import Scores
-
-LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+from megatron_minitron.models.layers import LAYER_KEY, layer_key
 
 
 def select_layers(src: ModelConfig, num_layers: int, scores: Optional[Scores],
@@ -48,5 +46,5 @@ def renumber(state: Dict[str, torch.Tensor], layers: List[int]) -> Dict[str, tor
         if m is None:
             out[key] = value
         elif int(m.group(1)) in new_index:
-            out[f"decoder.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = value
+            out[layer_key(new_index[int(m.group(1))], m.group(2))] = value
     return out

@@ -13,14 +13,10 @@ import torch
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.prune import PruneConfig
-from megatron_minitron.pruning.depth import LAYER_KEY, renumber
+from megatron_minitron.models.layers import (FC1, FC2_WEIGHT, FINAL_NORM_KEYS, HIDDEN_COLUMN_KEYS,
+                                          HIDDEN_VECTORS, LAYER_KEY, PROJ_WEIGHT, QKV)
+from megatron_minitron.pruning.depth import renumber
 from megatron_minitron.pruning.plan import PrunePlan, make_plan, resolve_target
-
-HIDDEN_VECTORS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
-                  "pre_mlp_layernorm.bias", "self_attention.linear_qkv.layer_norm_weight",
-                  "self_attention.linear_qkv.layer_norm_bias", "mlp.linear_fc1.layer_norm_weight",
-                  "mlp.linear_fc1.layer_norm_bias", "self_attention.linear_proj.bias",
-                  "mlp.linear_fc2.bias")
 
 
 def qkv_rows(groups: torch.Tensor, heads: torch.Tensor, hpg: int, hn: int) -> torch.Tensor:
@@ -56,15 +52,15 @@ def _slice_layer(rest: str, t, i: int, plan: PrunePlan):
         return t
     if rest in HIDDEN_VECTORS:
         return _take(t, hid, None)
-    if rest.startswith("self_attention.linear_qkv."):
+    if rest.startswith(QKV):
         rows = qkv_rows(plan.groups[i], plan.heads[i], src.heads_per_group, src.kv_channels)
         return _take(t, rows, hid if rest.endswith("weight") else None)
-    if rest == "self_attention.linear_proj.weight":
+    if rest == PROJ_WEIGHT:
         return _take(t, hid, head_columns(plan.heads[i], src.kv_channels))
-    if rest.startswith("mlp.linear_fc1."):
+    if rest.startswith(FC1):
         rows = fc1_rows(plan.ffn[i], src.ffn_hidden_size, src.gated_linear_unit)
         return _take(t, rows, hid if rest.endswith("weight") else None)
-    if rest == "mlp.linear_fc2.weight":
+    if rest == FC2_WEIGHT:
         return _take(t, hid, plan.ffn[i])
     raise ValueError(f"no slicing rule for layer tensor {rest!r}")
 
@@ -80,10 +76,9 @@ def slice_state_dict(state: Dict[str, torch.Tensor], plan: PrunePlan) -> Dict[st
                 out[key] = _slice_layer(m.group(2), t, int(m.group(1)), plan)
         elif key.endswith("_extra_state"):
             out[key] = t
-        elif key in ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias"):
+        elif key in FINAL_NORM_KEYS:
             out[key] = _take(t, plan.hidden, None)
-        elif key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
-                     "output_layer.weight"):
+        elif key in HIDDEN_COLUMN_KEYS:
             out[key] = _take(t, None, plan.hidden)  # [rows, h] -> [rows, h']
         else:
             raise ValueError(f"no slicing rule for tensor {key!r}")

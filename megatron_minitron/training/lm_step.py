@@ -8,6 +8,7 @@ import torch
 from megatron_minitron.distill.fused_output import fused_cross_entropy_loss, schedule_loss_scale
 from megatron_minitron.models.builder import unwrap
 from megatron_minitron.models.forward import masked_token_loss, to_device
+from megatron_minitron.models.layers import output_layer
 from megatron_minitron.models.output_layer import hidden_states_out, output_weight
 
 
@@ -42,7 +43,7 @@ class LMStep:
         scale = schedule_loss_scale(batch["loss_mask"], self.num_microbatches)
         # the vocabulary shards' group: the output layer's own (size 1 without TP)
         out = fused_cross_entropy_loss(hidden, output_weight(gpt), batch["labels"],
-                                       batch["loss_mask"], gpt.output_layer.tp_group,
+                                       batch["loss_mask"], output_layer(gpt).tp_group,
                                        batch_first=True, grad_scale=scale)
         report = torch.stack([out.loss.detach(), out.num_tokens.detach().float()])
         return out.loss, out.num_tokens.to(torch.int), {"lm_loss": report}
