@@ -145,6 +145,28 @@ def test_only_models_reaches_into_the_model_layout():
     assert not bad, "\n".join(bad)
 
 
+def parallel_state_users() -> list[str]:
+    out = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.startswith("megatron.core.parallel_state") for n in names):
+                out.append(f"{module_name(f)}:{node.lineno}")
+    return out
+
+
+def test_only_runtime_touches_parallel_state():
+    bad = [u for u in parallel_state_users() if package_of(u.split(":")[0]) != "runtime"]
+    for line in bad:
+        print("parallel_state used outside runtime/:", line)
+    assert not bad, bad
+    assert parallel_state_users()  # the check sees runtime's own use
+
+
 def test_the_checker_can_fail():
     graph = {"megatron_minitron.models.x": {"megatron_minitron.training.y"},
              "megatron_minitron.training.y": {"megatron_minitron.models.x"},

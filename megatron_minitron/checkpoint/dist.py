@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_minitron.checkpoint import integrity
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
+from megatron_minitron.runtime.rank import is_rank0
 
 HEADER = "minitron.json"
 LATEST = "latest"
@@ -117,7 +118,7 @@ def save(root: str, step: int, chunks: List[torch.nn.Module], header: Checkpoint
 
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = is_rank0()
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -315,7 +316,7 @@ _said: set = set()
 
 
 def _say_once(message: str) -> None:
-    if message not in _said and (not dist.is_initialized() or dist.get_rank() == 0):
+    if message not in _said and is_rank0():
         _said.add(message)
         print(f"minitron: warning: {message}", file=sys.stderr, flush=True)
 

@@ -14,7 +14,7 @@ def main(overrides: List[str]) -> None:
     cfg = check("eval", load_config(override_list(overrides)))
     from megatron_minitron.checkpoint.dist import read_header, verified
     from megatron_minitron.eval.suite import evaluate_run, write_eval_json
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
     from megatron_minitron.runtime.run_lock import hold_run_dir
     from megatron_minitron.training.data_source import resolve_tokenizer
 
@@ -24,16 +24,12 @@ def main(overrides: List[str]) -> None:
     header = read_header(checkpoint)
     cfg = replace(cfg, model=header.model)  # the checkpoint's architecture, checked vs layout
     output = cfg.eval.output or f"{cfg.run.dir}/eval"
-    ctx = initialize(cfg.parallel, cfg.runtime)
-    try:
-        with hold_run_dir(cfg.run.dir, ctx.rank):
-            result = evaluate_run(cfg, checkpoint, resolve_tokenizer(cfg, header), ctx)
-            if ctx.rank == 0:
-                path = write_eval_json(result, output)
-                print(json.dumps({"perplexity": result["perplexity"]}, indent=2))
-                print(f"minitron eval: wrote {path}")
-    finally:
-        teardown()
+    with process_groups(cfg.parallel, cfg.runtime) as ctx, hold_run_dir(cfg.run.dir, ctx.rank):
+        result = evaluate_run(cfg, checkpoint, resolve_tokenizer(cfg, header), ctx)
+        if ctx.rank == 0:
+            path = write_eval_json(result, output)
+            print(json.dumps({"perplexity": result["perplexity"]}, indent=2))
+            print(f"minitron eval: wrote {path}")
 
 
 if __name__ == "__main__":

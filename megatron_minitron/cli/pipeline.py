@@ -1,7 +1,6 @@
 """`minitron pipeline [key=value ...]`: teacher -> importance -> prune -> distill -> eval ->
 export -> report under run.dir; rerun the same command to resume after a crash."""
 
-import os
 from typing import Dict, List
 
 from megatron_minitron.cli.preflight import check
@@ -34,11 +33,12 @@ def main(overrides: List[str]) -> None:
     cfg = check("pipeline", load_config(overrides))
     from megatron_minitron.pipeline.run import run_pipeline
     from megatron_minitron.pipeline.stages import StageIncomplete
+    from megatron_minitron.runtime.rank import is_rank0
 
     try:
         summary = run_pipeline(cfg)
     except StageIncomplete as e:
         print(f"minitron pipeline: {e}; rerun the same command to continue")
         return
-    if os.environ.get("RANK", "0") == "0":
+    if is_rank0():
         print(summary_table(summary))

@@ -2,7 +2,6 @@
 using an importance scores file; writes a new checkpoint that loads at any TP/PP it fits."""
 
 from pathlib import Path
-import os
 from typing import List
 
 from megatron_minitron.cli.preflight import check
@@ -14,6 +13,7 @@ def main(overrides: List[str]) -> None:
     cfg = check("prune", load_config(overrides))
     from megatron_minitron.checkpoint.dist import verified
     from megatron_minitron.pipeline.stages import prune
+    from megatron_minitron.runtime.rank import global_rank, is_rank0
     from megatron_minitron.runtime.run_lock import hold_run_dir
 
     checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load  # preflight: one is set
@@ -22,7 +22,7 @@ def main(overrides: List[str]) -> None:
     scores = cfg.prune.scores or f"{cfg.run.dir}/importance/scores.safetensors"
     if cfg.prune.scores is None and not Path(scores).is_file():
         scores = None  # fine while no axis is ranked; the plan says so otherwise
-    with hold_run_dir(cfg.run.dir, int(os.environ.get("RANK", "0"))):
+    with hold_run_dir(cfg.run.dir, global_rank()):
         path = prune(cfg, checkpoint, scores, cfg.prune.output or f"{cfg.run.dir}/pruned")
-    if os.environ.get("RANK", "0") == "0":
+    if is_rank0():
         print(f"minitron prune: wrote {path['checkpoint']}")

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from megatron_minitron.distill.vocab_parallel import (all_gather_last_dim, all_reduce_max_,
-                                                       all_reduce_sum_, spans_ranks)
+from megatron_minitron.runtime.collectives import (all_gather_last_dim, all_reduce_max_,
+                                                   all_reduce_sum_, spans_ranks)
 
 
 def logsumexp(x: torch.Tensor, group) -> torch.Tensor:

@@ -29,7 +29,8 @@ import torch
 
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill.losses import LogitLoss, chunk_loss
-from megatron_minitron.distill.vocab_parallel import group_rank_size, real_columns, vocab_range
+from megatron_minitron.distill.vocab_parallel import real_columns, vocab_range
+from megatron_minitron.runtime.collectives import group_rank_size
 
 FUSED_CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 256 * 2**20}
 """Size of one fp32 `[tokens, vocab/tp]` chunk of logits (a few such temporaries are live at

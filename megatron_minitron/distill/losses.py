@@ -20,8 +20,8 @@ import torch
 
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill import divergences
-from megatron_minitron.distill.vocab_parallel import (group_rank_size, real_columns, spans_ranks,
-                                                       vocab_range)
+from megatron_minitron.distill.vocab_parallel import real_columns, vocab_range
+from megatron_minitron.runtime.collectives import group_rank_size, spans_ranks
 
 REDUCTIONS = ("sum", "mean")
 

@@ -79,8 +79,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
                 device: torch.device) -> List[torch.nn.Module]:
     """The GPTModel chunks this rank owns (one per virtual pipeline stage); in bf16 each is
     wrapped in megatron's Float16Module (unwrap() reaches the GPTModel)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_minitron.runtime.distributed import pipeline_stage_flags, set_virtual_pipeline_rank
 
     config = transformer_config(model, parallel, runtime, device.type)
     spec = layer_spec(model, runtime)
@@ -89,14 +90,15 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         if vpp:  # some megatron-core paths still read the global virtual rank
-            ps.set_virtual_pipeline_model_parallel_rank(vp_stage)
+            set_virtual_pipeline_rank(vp_stage)
+        pre_process, post_process = pipeline_stage_flags(stage)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=model.padded_vocab_size,
             max_sequence_length=model.max_position_embeddings,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            pre_process=pre_process,
+            post_process=post_process,
             parallel_output=True,
             share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
             position_embedding_type=model.position_embedding_type,
@@ -113,7 +115,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
             gpt = Float16Module(config, gpt)
         chunks.append(gpt)
     if vpp:
-        ps.set_virtual_pipeline_model_parallel_rank(0)
+        set_virtual_pipeline_rank(0)
     return chunks
 
 

@@ -18,7 +18,6 @@ Every candidate ends with one evaluation over the same search.eval_iters validat
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -31,6 +30,7 @@ from megatron_minitron.config.schema import MinitronConfig, RunConfig
 from megatron_minitron.importance.scores import load_scores
 from megatron_minitron.pruning.plan import make_plan, resolve_target
 from megatron_minitron.pruning.search import Candidate, search_candidates
+from megatron_minitron.runtime.rank import is_rank0
 
 
 @dataclass
@@ -52,11 +52,6 @@ class Inputs:
     output: Path
     budget: int
     prune: PruneConfig
-
-
-def is_rank0() -> bool:
-    # read after teardown too, when torch.distributed is gone: torchrun's RANK says it
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resolve_inputs(cfg: MinitronConfig) -> Inputs:
@@ -101,25 +96,22 @@ def candidate_config(cfg: MinitronConfig, inputs: Inputs, folder: Path, pruned: 
 
 def prune_candidate(cfg: MinitronConfig, inputs: Inputs, cand: Candidate, output: Path) -> str:
     from megatron_minitron.pruning.slicing import prune_checkpoint
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
 
-    ctx = initialize(ParallelConfig(), cfg.runtime)  # pruning reads one full copy: TP=1, PP=1
-    try:
+    # pruning reads one full copy: TP=1, PP=1
+    with process_groups(ParallelConfig(), cfg.runtime) as ctx:
         return str(prune_checkpoint(inputs.source, inputs.scores, cand.prune_config(inputs.prune),
                                     str(output), ctx, cfg.runtime))
-    finally:
-        teardown()
 
 
 def evaluate_only(cfg: MinitronConfig) -> Dict[str, float]:
     """Zero-shot: the distillation run's setup and final evaluation, without a training step."""
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
     from megatron_minitron.training.data_source import build_source, resolve_tokenizer
     from megatron_minitron.training.lm import kd_step, write_resolved_config
     from megatron_minitron.training.session import adopt_model_config, build_trainer, find_start
 
-    ctx = initialize(cfg.parallel, cfg.runtime)
-    try:
+    with process_groups(cfg.parallel, cfg.runtime) as ctx:
         start = find_start(cfg)
         cfg = adopt_model_config(cfg, start, False)
         write_resolved_config(cfg, ctx.rank)
@@ -131,8 +123,6 @@ def evaluate_only(cfg: MinitronConfig) -> Dict[str, float]:
         trainer.writer.log(state.step, valid)
         trainer.writer.close()
         return valid
-    finally:
-        teardown()
 
 
 def last_valid(run_dir: Path) -> Dict[str, float]:

@@ -17,6 +17,7 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.parallel import ParallelConfig
 from megatron_minitron.config.schema import MinitronConfig, RunConfig
 from megatron_minitron.config.train import TrainConfig
+from megatron_minitron.runtime.rank import is_rank0
 
 
 class StageIncomplete(Exception):
@@ -62,7 +63,7 @@ def import_teacher(cfg: MinitronConfig, out: Path) -> Dict:
     if src == "smollm2":
         from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
 
-        src = str(fetch_smollm2()) if _world()[0] == 0 else src
+        src = str(fetch_smollm2()) if is_rank0() else src
     elif not (Path(src).expanduser() / "config.json").is_file():
         if ckpt.resolve(src) is None:
             raise ConfigError("pipeline.teacher", f"{src} is neither a Hugging Face folder "
@@ -79,17 +80,14 @@ def import_teacher(cfg: MinitronConfig, out: Path) -> Dict:
 def init_teacher(cfg: MinitronConfig, out: Path) -> Dict:
     """A freshly initialised `model` (tests and from-scratch runs; pair it with correction)."""
     from megatron_minitron.models.builder import build_model
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
     from megatron_minitron.training.data_source import resolve_tokenizer
 
-    ctx = initialize(cfg.parallel, cfg.runtime)
-    try:
+    with process_groups(cfg.parallel, cfg.runtime) as ctx:
         chunks = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
         header = ckpt.CheckpointHeader(model=cfg.model,
                                        tokenizer=resolve_tokenizer(cfg, None).describe())
         path = ckpt.save(str(out / "checkpoint"), 0, chunks, header, ctx=ctx)
-    finally:
-        teardown()
     return {"checkpoint": str(path)}
 
 
@@ -138,15 +136,14 @@ def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
     from megatron_minitron.data.datasets import build_datasets
     from megatron_minitron.data.loader import calibration_batches
     from megatron_minitron.importance.runner import score_checkpoint
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
     from megatron_minitron.training.data_source import resolve_tokenizer
 
     imp = cfg.importance
     ckpt.verified(checkpoint, "checkpoint.load", cfg.checkpoint.verify)
     header = ckpt.read_header(checkpoint)
     cfg = dataclasses.replace(cfg, model=header.model)  # its architecture, checked vs layout
-    ctx = initialize(cfg.parallel, cfg.runtime)
-    try:
+    with process_groups(cfg.parallel, cfg.runtime) as ctx:
         make_batches, data = None, None  # the magnitude and random baselines read no data
         if imp.source == "activation":
             tok = resolve_tokenizer(cfg, header)
@@ -158,8 +155,6 @@ def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
                                    imp.micro_batch_size, ctx.dp_rank, ctx.dp_size)
         score_checkpoint(checkpoint, imp, make_batches, ctx, cfg.parallel, cfg.runtime, output,
                          data, progress=cfg.logger.progress_bar)
-    finally:
-        teardown()
     tokens = imp.num_samples * cfg.data.seq_length if imp.source == "activation" else 0
     return {"scores": output, "tokens": tokens}
 
@@ -167,14 +162,11 @@ def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:
 def prune(cfg: MinitronConfig, checkpoint: str, scores: Optional[str], output: str) -> Dict:
     """Slice `checkpoint` to cfg.prune's target; one full copy per rank (TP=1, PP=1)."""
     from megatron_minitron.pruning.slicing import prune_checkpoint
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
 
     ckpt.verified(checkpoint, "checkpoint.load", cfg.checkpoint.verify)
-    ctx = initialize(ParallelConfig(), cfg.runtime)
-    try:
+    with process_groups(ParallelConfig(), cfg.runtime) as ctx:
         path = prune_checkpoint(checkpoint, scores, cfg.prune, output, ctx, cfg.runtime)
-    finally:
-        teardown()
     return {"checkpoint": str(path)}
 
 
@@ -197,34 +189,33 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
     from megatron_minitron.eval.perplexity import (checkpoint_tokenizer, evaluate_checkpoint,
                                                    split_batches)
     from megatron_minitron.eval.suite import EVAL_MODELS, evaluate_run, write_eval_json
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
     from megatron_minitron.runtime.progress import Progress
 
     for path in checkpoints.values():
         ckpt.verified(path, "checkpoint.load", cfg.checkpoint.verify)
-    ctx = initialize(cfg.parallel, cfg.runtime)
-    # one step per model, and one per model for the eval suite: the time left is an estimate
-    bar = Progress(len(checkpoints) * (1 + int(bool(cfg.eval.tasks))), 0,
-                   cfg.logger.progress_bar and ctx.rank == 0, "eval models")
-    try:
-        tok = checkpoint_tokenizer(next(iter(checkpoints.values())))
-        batches = split_batches(cfg.data, tok, "valid", cfg.pipeline.eval_samples,
-                                cfg.train.micro_batch_size, ctx, cfg.runtime.seed)
-        results = {}
-        for name, path in checkpoints.items():
-            r = evaluate_checkpoint(path, batches, ctx, cfg.runtime, cfg.parallel)
-            results[name] = {"params": ckpt.read_header(path).model.num_parameters(),
-                             "loss": r.loss, "perplexity": r.perplexity,
-                             "eval_tokens": r.tokens}
-            bar.update(bar.completed + 1, {name: r.loss})
-        suites = {}
-        for name, path in checkpoints.items() if cfg.eval.tasks else ():
-            model_cfg = dataclasses.replace(cfg, model=ckpt.read_header(path).model)
-            suites[name] = evaluate_run(model_cfg, path, tok, ctx)
-            bar.update(bar.completed + 1)
-    finally:
-        bar.close()
-        teardown()
+    with process_groups(cfg.parallel, cfg.runtime) as ctx:
+        # one step per model, and one per model for the eval suite: the time left is an estimate
+        bar = Progress(len(checkpoints) * (1 + int(bool(cfg.eval.tasks))), 0,
+                       cfg.logger.progress_bar and ctx.rank == 0, "eval models")
+        try:
+            tok = checkpoint_tokenizer(next(iter(checkpoints.values())))
+            batches = split_batches(cfg.data, tok, "valid", cfg.pipeline.eval_samples,
+                                    cfg.train.micro_batch_size, ctx, cfg.runtime.seed)
+            results = {}
+            for name, path in checkpoints.items():
+                r = evaluate_checkpoint(path, batches, ctx, cfg.runtime, cfg.parallel)
+                results[name] = {"params": ckpt.read_header(path).model.num_parameters(),
+                                 "loss": r.loss, "perplexity": r.perplexity,
+                                 "eval_tokens": r.tokens}
+                bar.update(bar.completed + 1, {name: r.loss})
+            suites = {}
+            for name, path in checkpoints.items() if cfg.eval.tasks else ():
+                model_cfg = dataclasses.replace(cfg, model=ckpt.read_header(path).model)
+                suites[name] = evaluate_run(model_cfg, path, tok, ctx)
+                bar.update(bar.completed + 1)
+        finally:
+            bar.close()
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "models.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -238,7 +229,7 @@ def report(cfg: MinitronConfig, summary: Dict, out: Path) -> Dict:
     """report.md + plots in run.dir (rank 0)."""
     from megatron_minitron.eval.report import write_report
 
-    path = write_report(cfg.run.dir) if _world()[0] == 0 else Path(cfg.run.dir) / "report.md"
+    path = write_report(cfg.run.dir) if is_rank0() else Path(cfg.run.dir) / "report.md"
     return {"report": str(path)}
 
 

@@ -11,6 +11,7 @@ import torch
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.parallel import RuntimeConfig
+from megatron_minitron.runtime.rank import is_rank0
 
 
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
@@ -139,6 +140,6 @@ _said = set()
 
 def say_once(message: str) -> None:
     """A choice made for the user, told once per process on stderr (rank 0 only)."""
-    if message not in _said and os.environ.get("RANK", "0") == "0":
+    if message not in _said and is_rank0():
         _said.add(message)
         print(message, file=sys.stderr)

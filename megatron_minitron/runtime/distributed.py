@@ -4,7 +4,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -89,6 +89,26 @@ def initialize(parallel: ParallelConfig, runtime: RuntimeConfig) -> ParallelCont
     if runtime.deterministic:
         torch.use_deterministic_algorithms(True)
     return current_context(device)
+
+
+@contextlib.contextmanager
+def process_groups(parallel: ParallelConfig, runtime: RuntimeConfig
+                   ) -> Iterator[ParallelContext]:
+    """A stage's process groups: initialize() on entry, teardown() on exit, error or not."""
+    ctx = initialize(parallel, runtime)
+    try:
+        yield ctx
+    finally:
+        teardown()
+
+
+def pipeline_stage_flags(vp_stage: Optional[int]) -> Tuple[bool, bool]:
+    """(pre_process, post_process) of this rank's model chunk `vp_stage` (None without
+    virtual pipeline stages): whether it holds the embedding, and the output layer."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
 
 
 def set_seed(seed: int) -> None:

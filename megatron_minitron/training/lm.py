@@ -8,7 +8,7 @@ from megatron_minitron.config.loader import to_yaml
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.runtime.device import (choose_precision, resolve_attention_impl,
                                               resolve_transformer_impl)
-from megatron_minitron.runtime.distributed import ParallelContext, initialize, teardown
+from megatron_minitron.runtime.distributed import ParallelContext, process_groups
 from megatron_minitron.runtime.run_lock import hold_run_dir
 from megatron_minitron.training.data_source import build_source, resolve_tokenizer
 from megatron_minitron.training.lm_step import LMStep
@@ -32,8 +32,7 @@ def write_resolved_config(cfg: MinitronConfig, rank: int) -> None:
 
 def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: StepFactory
                  ) -> LoopState:
-    ctx = initialize(cfg.parallel, cfg.runtime)
-    try:
+    with process_groups(cfg.parallel, cfg.runtime) as ctx:
         cfg.train.num_microbatches(ctx.dp_size)  # every check before the run dir is written
         with hold_run_dir(cfg.run.dir, ctx.rank):
             start = find_start(cfg)
@@ -46,8 +45,6 @@ def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: Step
             state = trainer.run(state)
             trainer.writer.close()
             return state
-    finally:
-        teardown()
 
 
 def lm_step(cfg: MinitronConfig, ctx: ParallelContext):
