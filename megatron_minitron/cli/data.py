@@ -4,7 +4,6 @@ With inputs: tokenize them into P.bin/P.idx. Without: prepare the demo Shakespea
 data.tokenizer under data.cache_dir and print its prefix.
 """
 
-from pathlib import Path
 from typing import List
 
 from megatron_minitron.cli.preflight import check
@@ -26,7 +25,7 @@ def main(overrides: List[str]) -> None:
         prefix = prepare_demo_dataset(tokenizer, data.cache_dir, progress=True)
         print(f"demo corpus: data.paths=[{prefix}]")
         return
-    output = pre.output_prefix or str(Path(cfg.run.dir) / "data" / "text_document")
+    output = cfg.data_output_prefix
     stats = preprocess(pre.input, output, tokenizer, json_key=pre.json_key,
                        append_eod=pre.append_eod)
     print(f"use it with: data.paths=[{stats.output_prefix}] "

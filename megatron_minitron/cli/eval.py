@@ -18,12 +18,12 @@ def main(overrides: List[str]) -> None:
     from megatron_minitron.runtime.run_lock import hold_run_dir
     from megatron_minitron.training.data_source import resolve_tokenizer
 
-    checkpoint = cfg.eval.checkpoint or cfg.checkpoint.load  # preflight: one is set
+    checkpoint = cfg.eval_checkpoint  # preflight: one is set
     verified(checkpoint, "eval.checkpoint" if cfg.eval.checkpoint else "checkpoint.load",
              cfg.checkpoint.verify)
     header = read_header(checkpoint)
     cfg = replace(cfg, model=header.model)  # the checkpoint's architecture, checked vs layout
-    output = cfg.eval.output or f"{cfg.run.dir}/eval"
+    output = cfg.eval_output
     with process_groups(cfg.parallel, cfg.runtime) as ctx, hold_run_dir(cfg.run.dir, ctx.rank):
         result = evaluate_run(cfg, checkpoint, resolve_tokenizer(cfg, header), ctx)
         if ctx.rank == 0:

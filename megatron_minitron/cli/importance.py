@@ -14,10 +14,10 @@ def main(overrides: List[str]) -> None:
     from megatron_minitron.runtime.rank import global_rank, is_rank0
     from megatron_minitron.runtime.run_lock import hold_run_dir
 
-    checkpoint = cfg.importance.checkpoint or cfg.checkpoint.load  # preflight: one is set
+    checkpoint = cfg.importance_checkpoint  # preflight: one is set
     verified(checkpoint, "importance.checkpoint" if cfg.importance.checkpoint else
              "checkpoint.load", cfg.checkpoint.verify)
-    output = cfg.importance.output or f"{cfg.run.dir}/importance/scores.safetensors"
+    output = cfg.importance_output
     with hold_run_dir(cfg.run.dir, global_rank()):
         score(cfg, checkpoint, output)
     if is_rank0():

@@ -44,7 +44,7 @@ def scores(cfg: MinitronConfig, *candidates: Tuple[Optional[str], str]) -> None:
     from megatron_minitron.importance.scores import load_scores
 
     path, field = source(*candidates)
-    default = Path(cfg.run.dir) / "importance" / "scores.safetensors"
+    default = Path(cfg.run_scores)
     if path or default.is_file():
         load_scores(path or str(default), field)
 
@@ -150,7 +150,7 @@ def data(cfg: MinitronConfig) -> None:
         from megatron_minitron.data.preprocess import input_files
 
         input_files(pre.input)
-        output = pre.output_prefix or str(Path(cfg.run.dir) / "data" / "text_document")
+        output = cfg.data_output_prefix
         new_file(output + ".bin", "preprocess.output_prefix" if pre.output_prefix else "run.dir")
 
 

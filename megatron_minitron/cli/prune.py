@@ -16,13 +16,13 @@ def main(overrides: List[str]) -> None:
     from megatron_minitron.runtime.rank import global_rank, is_rank0
     from megatron_minitron.runtime.run_lock import hold_run_dir
 
-    checkpoint = cfg.prune.checkpoint or cfg.checkpoint.load  # preflight: one is set
+    checkpoint = cfg.prune_checkpoint  # preflight: one is set
     verified(checkpoint, "prune.checkpoint" if cfg.prune.checkpoint else "checkpoint.load",
              cfg.checkpoint.verify)
-    scores = cfg.prune.scores or f"{cfg.run.dir}/importance/scores.safetensors"
+    scores = cfg.prune_scores
     if cfg.prune.scores is None and not Path(scores).is_file():
         scores = None  # fine while no axis is ranked; the plan says so otherwise
     with hold_run_dir(cfg.run.dir, global_rank()):
-        path = prune(cfg, checkpoint, scores, cfg.prune.output or f"{cfg.run.dir}/pruned")
+        path = prune(cfg, checkpoint, scores, cfg.prune_output)
     if is_rank0():
         print(f"minitron prune: wrote {path['checkpoint']}")

@@ -1,6 +1,8 @@
 """The root config: one typed section per concern. Stages read the sections they need."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 from megatron_minitron.config.convert import ConvertConfig
 from megatron_minitron.config.data import DataConfig, PreprocessConfig
@@ -62,6 +64,73 @@ class MinitronConfig:
 
     def __post_init__(self):
         self.validate_layout()
+
+    # Defaults that span sections: where each stage reads and writes when its own field is None.
+
+    @property
+    def run_scores(self) -> str:
+        """The run's scores file: RUN_DIR/importance/scores.safetensors."""
+        return str(Path(self.run.dir) / "importance" / "scores.safetensors")
+
+    @property
+    def checkpoint_root(self) -> str:
+        """Where training saves (and resumes from): checkpoint.save, else RUN_DIR/checkpoints."""
+        return self.checkpoint.save or f"{self.run.dir}/checkpoints"
+
+    @property
+    def importance_checkpoint(self) -> Optional[str]:
+        """The checkpoint to score: importance.checkpoint, else checkpoint.load."""
+        return self.importance.checkpoint or self.checkpoint.load
+
+    @property
+    def importance_output(self) -> str:
+        """The scores file to write: importance.output, else the run's."""
+        return self.importance.output or self.run_scores
+
+    @property
+    def prune_checkpoint(self) -> Optional[str]:
+        """The checkpoint to prune: prune.checkpoint, else checkpoint.load."""
+        return self.prune.checkpoint or self.checkpoint.load
+
+    @property
+    def prune_scores(self) -> str:
+        """The scores to prune by: prune.scores, else the run's."""
+        return self.prune.scores or self.run_scores
+
+    @property
+    def prune_output(self) -> str:
+        """Where the pruned checkpoint goes: prune.output, else RUN_DIR/pruned."""
+        return self.prune.output or f"{self.run.dir}/pruned"
+
+    @property
+    def search_checkpoint(self) -> Optional[str]:
+        """The source the search prunes: search.checkpoint, prune.checkpoint, checkpoint.load."""
+        return self.search.checkpoint or self.prune_checkpoint
+
+    @property
+    def search_scores(self) -> str:
+        """The scores the search ranks by: search.scores, prune.scores, else the run's."""
+        return self.search.scores or self.prune_scores
+
+    @property
+    def search_output(self) -> str:
+        """The search's folder: search.output, else RUN_DIR/search."""
+        return self.search.output or f"{self.run.dir}/search"
+
+    @property
+    def eval_checkpoint(self) -> Optional[str]:
+        """The checkpoint to evaluate: eval.checkpoint, else checkpoint.load."""
+        return self.eval.checkpoint or self.checkpoint.load
+
+    @property
+    def eval_output(self) -> str:
+        """Where eval.json goes: eval.output, else RUN_DIR/eval."""
+        return self.eval.output or f"{self.run.dir}/eval"
+
+    @property
+    def data_output_prefix(self) -> str:
+        """`minitron data`'s output: preprocess.output_prefix, else RUN_DIR/data/text_document."""
+        return self.preprocess.output_prefix or str(Path(self.run.dir) / "data" / "text_document")
 
     def validate_layout(self):
         """Cross-section checks: the model's shapes against the parallel layout."""

@@ -56,7 +56,7 @@ class Inputs:
 
 def resolve_inputs(cfg: MinitronConfig) -> Inputs:
     s, p = cfg.search, cfg.prune
-    source = s.checkpoint or p.checkpoint or cfg.checkpoint.load
+    source = cfg.search_checkpoint
     if source is None:
         raise ConfigError("search.checkpoint", "no checkpoint to prune",
                           "set search.checkpoint, prune.checkpoint or checkpoint.load")
@@ -67,9 +67,9 @@ def resolve_inputs(cfg: MinitronConfig) -> Inputs:
     # candidates must run at the distillation's TP as well as at the one asked for in prune
     tp = max(p.tensor_model_parallel_size, cfg.parallel.tensor_model_parallel_size)
     return Inputs(source=source,
-                  scores=s.scores or p.scores or f"{cfg.run.dir}/importance/scores.safetensors",
+                  scores=cfg.search_scores,
                   teacher=cfg.distill.teacher_checkpoint or source,
-                  output=Path(s.output or f"{cfg.run.dir}/search"), budget=budget,
+                  output=Path(cfg.search_output), budget=budget,
                   prune=dataclasses.replace(p, tensor_model_parallel_size=tp))
 
 

@@ -52,7 +52,7 @@ class Trainer:
 
     @property
     def checkpoint_root(self) -> str:
-        return self.cfg.checkpoint.save or f"{self.cfg.run.dir}/checkpoints"
+        return self.cfg.checkpoint_root
 
     def _iterators(self, make: Callable[[], Iterator]):
         its = [make() for _ in self.chunks]

@@ -24,15 +24,11 @@ class StartPoint:
     header: Optional[ckpt.CheckpointHeader] = None
 
 
-def checkpoint_root(cfg: MinitronConfig) -> str:
-    return cfg.checkpoint.save or f"{cfg.run.dir}/checkpoints"
-
-
 def find_start(cfg: MinitronConfig) -> StartPoint:
     """Resuming this run's own checkpoints wins over checkpoint.load. The newest of them that
     verifies is resumed (a damaged one is named and skipped)."""
     own_field = "checkpoint.save" if cfg.checkpoint.save else "run.dir"
-    own = ckpt.resolve_intact(checkpoint_root(cfg), own_field, cfg.checkpoint.verify)
+    own = ckpt.resolve_intact(cfg.checkpoint_root, own_field, cfg.checkpoint.verify)
     if own is not None:
         return StartPoint(resume=str(own), header=ckpt.read_header(str(own)))
     if cfg.checkpoint.load:
