@@ -139,7 +139,7 @@ def test_resume_continues_the_same_curve_projections_and_all(runs):
 
 
 def test_stage_channel_carries_terms_with_their_gradient():
-    from megatron_minitron.distill.pipeline import StageChannel
+    from megatron_minitron.distill.pipeline_parallel import StageChannel
 
     ch = StageChannel(3, 5, ["embedding", "hidden_1"])
     student = torch.randn(4, 2, 3, requires_grad=True)
@@ -158,7 +158,7 @@ def test_stage_channel_carries_terms_with_their_gradient():
 
 def test_pairs_split_over_pipeline_stages_are_refused():
     from megatron_minitron.config.errors import ConfigError
-    from megatron_minitron.distill.pipeline import check_pairs_colocated
+    from megatron_minitron.distill.pipeline_parallel import check_pairs_colocated
 
     check_pairs_colocated([(4, 2), (2, 1)], 4, 2, 2)
     with pytest.raises(ConfigError, match=r"pair \[3, 1\].*stage 1.*stage 0"):

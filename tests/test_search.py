@@ -21,7 +21,7 @@ from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.prune import AXES, PruneConfig
 from megatron_minitron.config.search import AxisRange, SearchConfig
 from megatron_minitron.pruning.plan import resolve_target
-from megatron_minitron.pruning.search import all_candidates, search_candidates
+from megatron_minitron.pruning.candidates import all_candidates, search_candidates
 
 BASE = ["data.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=4",
         "train.eval_interval=0", "train.eval_iters=2", "logger.backend=none",
@@ -109,7 +109,7 @@ def test_search_config_composes_with_extra_candidates():
 
 
 def test_ranking_puts_nan_last_and_breaks_ties_by_name():
-    from megatron_minitron.pipeline.search import rank_rows
+    from megatron_minitron.pipeline.search_runs import rank_rows
 
     rows = [{"name": n, "val_loss": v} for n, v in
             (("b", 2.0), ("c", float("nan")), ("a", 2.0), ("d", 1.0))]
@@ -175,7 +175,7 @@ def _built_params(paths):
 def _search_run(root: str):
     from megatron_minitron.cli import importance, search
     from megatron_minitron.importance.scores import load_scores
-    from megatron_minitron.pipeline.search import run_search
+    from megatron_minitron.pipeline.search_runs import run_search
 
     budget = _planted_teacher(root)
     importance.main(BASE + [f"run.dir={root}", f"importance.checkpoint={root}/teacher",
@@ -232,7 +232,7 @@ def test_search_ranks_candidates_by_their_short_distillation_loss():
 
 def test_the_planted_bad_candidate_ranks_last_and_dropping_the_dead_block_wins():
     from megatron_minitron.checkpoint.dist import read_header
-    from megatron_minitron.pipeline.search import row_prune_config
+    from megatron_minitron.pipeline.search_runs import row_prune_config
     from megatron_minitron.pruning.depth import select_layers
 
     _, run = search_run()

@@ -10,7 +10,7 @@ from megatron_minitron.config.loader import load_config, override_list
 
 def main(overrides: List[str]) -> None:
     cfg = check("search", load_config(override_list(overrides)))
-    from megatron_minitron.pipeline.search import run_search
+    from megatron_minitron.pipeline.search_runs import run_search
     from megatron_minitron.runtime.rank import global_rank, is_rank0
     from megatron_minitron.runtime.run_lock import hold_run_dir
 

@@ -2,8 +2,8 @@
 
 One object per student chunk, for every layout: without pipeline parallelism the teacher runs
 whole beside the student; with it, each stage runs its teacher layers beside its student layers
-and the stage-to-stage tensor carries both (distill/pipeline.py explains the design, including
-how hidden-state terms of early stages reach the loss on the last stage)."""
+and the stage-to-stage tensor carries both (distill/pipeline_parallel.py explains the design,
+including how hidden-state terms of early stages reach the loss on the last stage)."""
 
 from contextlib import nullcontext
 from functools import partial
@@ -17,7 +17,7 @@ from megatron_minitron.distill.fused_output import (fused_logit_distillation_los
                                                     schedule_loss_scale)
 from megatron_minitron.distill.hidden import EMBEDDING, HiddenStateLoss, StateCapture
 from megatron_minitron.distill.losses import logit_distillation_loss
-from megatron_minitron.distill.pipeline import StageChannel
+from megatron_minitron.distill.pipeline_parallel import StageChannel
 from megatron_minitron.models.builder import unwrap
 from megatron_minitron.models.forward import to_device
 from megatron_minitron.models.layers import decoder_input, layer_numbers

@@ -10,7 +10,7 @@ import torch
 from megatron_minitron.checkpoint import dist as ckpt
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.schema import MinitronConfig
-from megatron_minitron.distill.pipeline import check_pairs_colocated
+from megatron_minitron.distill.pipeline_parallel import check_pairs_colocated
 from megatron_minitron.models.builder import build_model
 
 

@@ -160,7 +160,7 @@ def run_pipeline(cfg: MinitronConfig) -> Dict:
 def searched_target(cfg: MinitronConfig, runner: StageRunner, teacher: str, student: str,
                     scores: str) -> MinitronConfig:
     """The best candidate of `minitron search` as this round's prune target."""
-    from megatron_minitron.pipeline.search import row_prune_config
+    from megatron_minitron.pipeline.search_runs import row_prune_config
 
     best = runner.run("search", lambda out: stages.search(cfg, teacher, student, scores, out))
     return dataclasses.replace(cfg, prune=row_prune_config(best, cfg.prune))

@@ -235,7 +235,7 @@ def report(cfg: MinitronConfig, summary: Dict, out: Path) -> Dict:
 
 def search(cfg: MinitronConfig, teacher: str, student: str, scores: str, out: Path) -> Dict:
     """`minitron search` from `student`'s scores; returns the best ranking row."""
-    from megatron_minitron.pipeline.search import run_search
+    from megatron_minitron.pipeline.search_runs import run_search
 
     cfg = dataclasses.replace(
         cfg, search=dataclasses.replace(cfg.search, checkpoint=student, scores=scores,

@@ -2,7 +2,7 @@
 distill it briefly from the teacher, rank by validation loss.
 
 Layout under the search folder (search.output, default RUN_DIR/search):
-    candidates.json          the candidates chosen by pruning.search, before any training
+    candidates.json          the candidates chosen by pruning.candidates, before any training
     <name>/pruned/           the pruned checkpoint (shared by both modes)
     <name>/checkpoints/      the short distillation's checkpoints
     <name>/metrics.jsonl     its losses; the last valid_* record is the candidate's score
@@ -29,7 +29,7 @@ from megatron_minitron.config.prune import PruneConfig, PruneTarget
 from megatron_minitron.config.schema import MinitronConfig, RunConfig
 from megatron_minitron.importance.scores import load_scores
 from megatron_minitron.pruning.plan import make_plan, resolve_target
-from megatron_minitron.pruning.search import Candidate, search_candidates
+from megatron_minitron.pruning.candidates import Candidate, search_candidates
 from megatron_minitron.runtime.rank import is_rank0
 
 
