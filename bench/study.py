@@ -5,7 +5,7 @@ that tells a result from noise, resumable, reported.
     python3 bench/study.py budget=full           # the issue's sizes, for a GPU
     python3 bench/study.py budget=tiny dir=/tmp/s ablations=[1,2]
 
-Study keys (megatron_minitron/study/config.py): budget, dir, docs_dir, ablations. Any other
+Study keys (bench/minitron_study/config.py): budget, dir, docs_dir, ablations. Any other
 key=value is a Hydra override of the base config (conf/experiment/study_<budget>.yaml) for every
 arm. Rerunning the same command skips finished arms and shared work; docs/RESULTS.md and
 docs/results.json are rewritten after every arm."""
@@ -16,9 +16,9 @@ import sys
 from omegaconf import OmegaConf
 
 from megatron_minitron.config.loader import override_list, to_typed
-from megatron_minitron.study.config import StudyConfig
-from megatron_minitron.study.report import write_report
-from megatron_minitron.study.runner import run_study
+from minitron_study.config import StudyConfig
+from minitron_study.report import write_report
+from minitron_study.runner import run_study
 
 _STUDY_KEYS = {f.name for f in dataclasses.fields(StudyConfig)} - {"overrides"}
 

@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_minitron"
 ROOT = "megatron_minitron"
 
 # Higher rank sits higher; an import must go to a strictly lower rank or stay inside its package.
-# `study` (the experiment driver) sits on top beside cli until it leaves the package for bench/.
-RANKS = {"cli": 9, "study": 9, "pipeline": 8, "eval": 7, "training": 6, "distill": 5,
+# Experiments that are not the product (the study) live in bench/, outside the package.
+RANKS = {"cli": 9, "pipeline": 8, "eval": 7, "training": 6, "distill": 5,
          "pruning": 5, "importance": 4, "checkpoint": 3, "models": 2, "data": 1, "runtime": 1,
          "config": 0}
 

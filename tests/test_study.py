@@ -11,6 +11,7 @@ import pytest
 from cli_process import child_env
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # the study is experiment code: bench/minitron_study
 
 
 def run_study(study_dir, timeout=240):
@@ -88,7 +89,7 @@ def test_rerun_skips_finished_arms_and_redoes_a_missing_one(tiny_study):
 
 
 def test_claims_follow_the_numbers_and_say_not_run():
-    from megatron_minitron.study.claims import evaluate_claims, tokens_to_match
+    from minitron_study.claims import evaluate_claims, tokens_to_match
 
     def arms(**losses):
         return {k: {"loss": v, "pruned_loss": v} for k, v in losses.items()}
@@ -106,7 +107,7 @@ def test_claims_follow_the_numbers_and_say_not_run():
 
 
 def test_a_margin_inside_the_seed_spread_is_within_noise():
-    from megatron_minitron.study.claims import evaluate_claims, reversal_margin
+    from minitron_study.claims import evaluate_claims, reversal_margin
 
     assert reversal_margin([1.0, 2.0, 3.5]) == 1.0  # held: the smallest step
     assert reversal_margin([2.0, 1.0, 3.0]) == 1.0  # not held: the violated step
@@ -136,8 +137,8 @@ def test_a_margin_inside_the_seed_spread_is_within_noise():
 
 
 def test_an_arm_finished_under_another_definition_reruns():
-    from megatron_minitron.study.ablations import Arm
-    from megatron_minitron.study.runner import finished
+    from minitron_study.ablations import Arm
+    from minitron_study.runner import finished
 
     arm = Arm("heads", ("prune.head_mode=heads",), "kd")
     rec = {"status": "done", "overrides": ["prune.head_mode=heads"], "retrain": "kd"}
@@ -150,9 +151,9 @@ def test_an_arm_finished_under_another_definition_reruns():
 @pytest.mark.parametrize("budget", ["tiny", "quick", "full"])
 def test_every_arm_of_every_budget_composes(budget):
     from megatron_minitron.config.loader import load_config
-    from megatron_minitron.study.ablations import RETRAIN, build_ablations
-    from megatron_minitron.study.config import StudyConfig
-    from megatron_minitron.study.runner import base_overrides
+    from minitron_study.ablations import RETRAIN, build_ablations
+    from minitron_study.config import StudyConfig
+    from minitron_study.runner import base_overrides
 
     study = StudyConfig(budget=budget)
     ablations = build_ablations(study.sizes)

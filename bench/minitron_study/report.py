@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from megatron_minitron.study.ablations import build_ablations
-from megatron_minitron.study.claims import evaluate_claims, tokens_to_match
-from megatron_minitron.study.config import StudyConfig
-from megatron_minitron.study.plots import write_plots
-from megatron_minitron.study.runner import arm_path, finished, read_arm
+from minitron_study.ablations import build_ablations
+from minitron_study.claims import evaluate_claims, tokens_to_match
+from minitron_study.config import StudyConfig
+from minitron_study.plots import write_plots
+from minitron_study.runner import arm_path, finished, read_arm
 
 
 def collect(study: StudyConfig) -> Dict:
@@ -101,7 +101,7 @@ def markdown(res: Dict) -> str:
               f"{verdicts.count('within noise')} within noise (one seed cannot tell), "
               f"{verdicts.count('not run')} not run (an arm they need has no finished result). "
               "Each verdict is a rule evaluated on the numbers below "
-              "(megatron_minitron/study/claims.py). Margin: how far one compared loss would "
+              "(bench/minitron_study/claims.py). Margin: how far one compared loss would "
               "have to move to reverse the verdict; seed spread: the range of the default "
               "student's loss over seeds (ablation 10), right after pruning or after "
               "retraining, whichever the claim compares.", "",

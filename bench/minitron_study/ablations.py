@@ -6,7 +6,7 @@ is retrained. Arms that need the same scores file or pruned checkpoint get the s
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
-from megatron_minitron.study.config import BudgetSizes
+from minitron_study.config import BudgetSizes
 
 RETRAIN = ("none", "kd", "ce", "scratch")
 

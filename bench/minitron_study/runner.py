@@ -14,10 +14,10 @@ from megatron_minitron.config.loader import load_config
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.pipeline.run import check_target, prune_config, round_budgets
 from megatron_minitron.runtime.distributed import barrier, process_group_held
-from megatron_minitron.study.ablations import Ablation, Arm, build_ablations
-from megatron_minitron.study.artifacts import Artifacts
-from megatron_minitron.study.config import StudyConfig
-from megatron_minitron.study.provenance import provenance
+from minitron_study.ablations import Ablation, Arm, build_ablations
+from minitron_study.artifacts import Artifacts
+from minitron_study.config import StudyConfig
+from minitron_study.provenance import provenance
 
 
 def base_overrides(study: StudyConfig) -> List[str]:
