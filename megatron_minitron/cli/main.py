@@ -14,6 +14,7 @@ STAGES = {
     "prune": "Slice a checkpoint to a target architecture.",
     "search": "Architecture search under a parameter budget.",
     "distill": "Knowledge distillation from a teacher.",
+    "cache-teacher": "Cache a teacher's distributions for teacher-free distillation.",
     "eval": "Perplexity and lm-eval-harness evaluation.",
     "pipeline": "The whole Minitron recipe, end to end.",
 }
@@ -49,9 +50,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"minitron: unknown stage {stage!r}\n{usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(f"megatron_minitron.cli.{stage}")
+        name = f"megatron_minitron.cli.{stage.replace('-', '_')}"
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name == f"megatron_minitron.cli.{stage}":
+        if e.name == name:
             print(f"minitron: stage {stage!r} is not built yet", file=sys.stderr)
             return 2
         raise

@@ -67,11 +67,28 @@ def train(cfg: MinitronConfig) -> None:
 
 def distill(cfg: MinitronConfig) -> None:
     teacher = cfg.distill.teacher_checkpoint
+    if cfg.distill.teacher_cache:
+        from megatron_minitron.training.cached_distill import open_cache
+
+        open_cache(cfg)
+        if teacher:
+            check_readable(teacher, "distill.teacher_checkpoint")
+        train(cfg)
+        return
     if not teacher:
         raise ConfigError("distill.teacher_checkpoint", "no teacher given",
                           "set distill.teacher_checkpoint=CKPT (one of our checkpoints)")
     positions(cfg, check_readable(teacher, "distill.teacher_checkpoint").model)
     train(cfg)
+
+
+def cache_teacher(cfg: MinitronConfig) -> None:
+    teacher = cfg.distill.teacher_checkpoint
+    if not teacher:
+        raise ConfigError("distill.teacher_checkpoint", "no teacher given",
+                          "set distill.teacher_checkpoint=CKPT (the teacher to cache)")
+    positions(cfg, check_readable(teacher, "distill.teacher_checkpoint").model)
+    writable_dir(cfg.cache.folder(cfg.run.dir), "cache.output" if cfg.cache.output else "run.dir")
 
 
 def importance(cfg: MinitronConfig) -> None:
@@ -155,7 +172,8 @@ def data(cfg: MinitronConfig) -> None:
 
 
 CHECKS: Dict[str, Callable[[MinitronConfig], None]] = {
-    "train": train, "distill": distill, "importance": importance, "prune": prune,
+    "train": train, "distill": distill, "cache-teacher": cache_teacher,
+    "importance": importance, "prune": prune,
     "search": search, "eval": evaluate, "pipeline": pipeline, "convert": convert, "data": data}
 
 

@@ -10,6 +10,7 @@ HIDDEN_LOSSES = ("none", "cosine", "mse")
 BALANCING = ("auto", "fixed")
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
 FUSED_OUTPUT = ("auto", "true", "false")
+CACHE_ESTIMATORS = ("auto", "topk", "sampled")
 
 
 @dataclass
@@ -22,6 +23,16 @@ class DistillConfig:
     teacher_checkpoint: Optional[str] = None
     """The teacher: one of our checkpoints (a step folder or a root holding `latest`). Its model
     config describes the teacher; the student comes from checkpoint.load."""
+    teacher_cache: Optional[str] = None
+    """A folder written by `minitron cache-teacher`: distil from the teacher's cached
+    distributions with no teacher in memory (teacher_checkpoint, when also set, must be the
+    teacher the cache was built from). Needs the fused output layer and no hidden-state
+    losses; the logit loss is the forward KL estimated by teacher_cache_estimator."""
+    teacher_cache_estimator: str = "auto"
+    """Which cached record the loss reads: "topk" (forward KL over the cached top-k plus the
+    tail bucket), "sampled" (the unbiased sampled estimate: -sum_i count_i/k log q(token_i),
+    reported minus the teacher's entropy so kd_loss estimates the KL), or "auto" (sampled when
+    the cache has samples, else topk)."""
     teacher_precision: str = "auto"
     """Precision of the frozen teacher's forward: "fp32", "bf16", or "auto" (runtime.precision)."""
     logit_loss: str = "forward_kl"
@@ -79,7 +90,8 @@ class DistillConfig:
     def __post_init__(self):
         self.fused_output = str(self.fused_output).lower()  # Hydra parses true/false as bools
         choices = (("fused_output", FUSED_OUTPUT), ("logit_loss", LOGIT_LOSSES), ("hidden_loss", HIDDEN_LOSSES),
-                   ("balancing", BALANCING), ("teacher_precision", TEACHER_PRECISIONS))
+                   ("balancing", BALANCING), ("teacher_precision", TEACHER_PRECISIONS),
+                   ("teacher_cache_estimator", CACHE_ESTIMATORS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"distill.{name}", f"unknown {getattr(self, name)!r}",
@@ -114,6 +126,21 @@ class DistillConfig:
             raise ConfigError("distill.hidden_loss", "is none but layer_pairs or "
                               "embedding_loss ask for hidden-state terms",
                               "set hidden_loss=cosine or mse, or drop the pairs")
+        if self.teacher_cache:
+            self._check_cache_compatible()
+
+    def _check_cache_compatible(self):
+        if self.logit_loss not in ("forward_kl", "topk_kl"):
+            raise ConfigError("distill.teacher_cache", f"a cache estimates the forward KL, not "
+                              f"logit_loss={self.logit_loss}", "set distill.logit_loss="
+                              "forward_kl, or drop teacher_cache to distil online")
+        if self.uses_hidden_states:
+            raise ConfigError("distill.teacher_cache", "hidden-state losses need the teacher's "
+                              "hidden states, which a cache does not hold",
+                              "set distill.hidden_loss=none, or drop teacher_cache")
+        if self.fused_output == "false":
+            raise ConfigError("distill.teacher_cache", "the cached loss is built on the fused "
+                              "output layer", "set distill.fused_output=auto")
 
     @property
     def fuses_output_layer(self) -> bool:

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megatron_minitron.config.cache import CacheConfig
 from megatron_minitron.config.convert import ConvertConfig
 from megatron_minitron.config.data import DataConfig, PreprocessConfig
 from megatron_minitron.config.distill import DistillConfig
@@ -51,6 +52,8 @@ class MinitronConfig:
     """`minitron convert`: Hugging Face <-> megatron checkpoints."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """`minitron distill`: the teacher and the distillation losses."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """`minitron cache-teacher`: the teacher's distributions cached for teacher-free KD."""
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     """`minitron importance`: calibration data and aggregation."""
     prune: PruneConfig = field(default_factory=PruneConfig)

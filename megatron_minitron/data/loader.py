@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.data.sample_keys import SAMPLE_KEY
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -61,7 +62,8 @@ def _loader(dataset, sampler: PretrainingSampler, num_workers: int) -> Iterator[
                         persistent_workers=num_workers > 0)
     for batch in loader:
         # [b, s] each; megatron's attention_mask (if any) is dropped: attention is causal.
-        yield {k: batch[k] for k in BATCH_KEYS}
+        # KeyedSamples' sample_key [b, 2] passes through (teacher caches are read by it).
+        yield {k: batch[k] for k in BATCH_KEYS + (SAMPLE_KEY,) if k in batch}
 
 
 def build_iterator(dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.distill.cached_targets import CachedTargets
 from megatron_minitron.distill.losses import LogitLoss, chunk_loss
 from megatron_minitron.distill.vocab_parallel import real_columns, vocab_range
 from megatron_minitron.runtime.collectives import group_rank_size
@@ -61,7 +62,8 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
         # [s, b, h] -> [s*b, h], in the weights' dtype (bf16 models hand over fp32 hidden
         # states: megatron's Float16Module upcasts the last stage's output)
         hs = h_s.reshape(-1, h_s.shape[-1]).to(ws.dtype)
-        ht = None if h_t is None else h_t.reshape(-1, h_t.shape[-1]).to(wt.dtype)
+        cached = isinstance(h_t, CachedTargets)  # the teacher's targets, in hs's row order
+        ht = None if h_t is None or cached else h_t.reshape(-1, h_t.shape[-1]).to(wt.dtype)
         grad_h = grad_w = None
         direct = needs_grad and _main_grad(w_s) is not None and grad_scale is not None
         if needs_grad:
@@ -78,7 +80,7 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
             rows = slice(start, start + step)
             x = hs[rows]
             z_s = x @ ws.t()  # [c, h_s] x [h_s, v/tp] -> [c, v/tp]
-            z_t = None if ht is None else ht[rows] @ wt.t()
+            z_t = h_t.rows(rows) if cached else (None if ht is None else ht[rows] @ wt.t())
             lab = None if labels is None else labels[rows]
             g = chunk_loss(cfg, z_s, z_t, weights[rows], lab, vocab_start, group, sums,
                            owned=True)  # fp32 [c, v/tp]
@@ -150,13 +152,15 @@ def fused_logit_distillation_loss(student_hidden: torch.Tensor, student_weight: 
     1 / (num_tokens * num_microbatches)); with it, a weight that has megatron's fp32 main_grad
     gets its gradient added there during forward, chunk by chunk, so no weight-sized temporary
     exists; backward checks that the scale was right. Without it the gradient is accumulated
-    in a private fp32 buffer. Under no_grad no gradient is computed at all."""
+    in a private fp32 buffer. Under no_grad no gradient is computed at all.
+    teacher_hidden may instead be the teacher's CachedTargets (distill/cached_targets.py) of
+    these tokens, in the flattened order of student_hidden, with teacher_weight None."""
     from megatron_minitron.distill.losses import REDUCTIONS, token_weights
 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r}: use one of {REDUCTIONS}")
     d0, d1 = student_hidden.shape[:2]
-    if teacher_hidden is not None and teacher_hidden.shape[:2] != (d0, d1):
+    if teacher_hidden is not None and tuple(teacher_hidden.shape[:2]) != (d0, d1):
         raise ValueError(f"teacher hidden states {tuple(teacher_hidden.shape)} and student's "
                          f"{tuple(student_hidden.shape)} cover different tokens")
     v = student_weight.shape[0]
@@ -192,8 +196,8 @@ def schedule_loss_scale(loss_mask: torch.Tensor, num_microbatches: Optional[int]
     return 1.0 / (tokens * num_microbatches)
 
 
-def _detached(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.detach()
+def _detached(x):
+    return x.detach() if torch.is_tensor(x) else x  # None, or CachedTargets
 
 
 LM_LOSS = DistillConfig(kd_weight=0.0, ce_weight=1.0)

@@ -20,6 +20,7 @@ import torch
 
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill import divergences
+from megatron_minitron.distill.cached_targets import CachedTargets
 from megatron_minitron.distill.vocab_parallel import real_columns, vocab_range
 from megatron_minitron.runtime.collectives import group_rank_size, spans_ranks
 
@@ -100,6 +101,7 @@ def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: Optional[torch.Te
 
     s_raw, t_raw: `[c, v_real/tp]` logits of any dtype (not yet divided by the temperature);
     t_raw None: no teacher, the cross entropy alone (the LM loss; cfg.kd_weight is ignored);
+    t_raw CachedTargets: the teacher's cached targets of these tokens (cached_targets.py);
     w: `[c]` per-token weights (mask / normaliser); labels: `[c]` global ids or None.
     owned: the caller gives up s_raw and t_raw, so the math may overwrite them (saves copies
     when the logits were made just for this chunk, as in the fused output layer)."""
@@ -118,9 +120,13 @@ def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: Optional[torch.Te
         return g_ce
     copy = spans_ranks(group) and not owned  # the vocab-parallel softmax overwrites its input
     s = _scaled_fp32(s_raw, temp, copy)
-    t = _scaled_fp32(t_raw, temp, copy)
-    per_token, g = _divergence(cfg, s, t, vocab_start, group)
-    del s, t
+    if isinstance(t_raw, CachedTargets):  # the teacher read from a cache
+        per_token, g = t_raw.divergence(s, vocab_start, group)
+    else:
+        t = _scaled_fp32(t_raw, temp, copy)
+        per_token, g = _divergence(cfg, s, t, vocab_start, group)
+        del t
+    del s
     sums[0] += (per_token * w).sum() * kd_scale
     g.mul_((w * (cfg.kd_weight * kd_scale / temp)).unsqueeze(-1))
     return g if g_ce is None else g.add_(g_ce)

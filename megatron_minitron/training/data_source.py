@@ -50,4 +50,9 @@ def build_source(cfg: MinitronConfig, ctx: ParallelContext, tok: Tokenizer) -> D
     train, valid, _ = build_datasets(cfg.data, tok, samples_per_split(cfg.train), cfg.runtime.seed,
                                      is_rank0=ctx.rank == 0,
                                      barrier=dist.barrier if dist.is_initialized() else None)
+    if cfg.distill.teacher_cache:  # the batches say which samples they hold
+        from megatron_minitron.data.sample_keys import SPLIT_IDS, KeyedSamples
+
+        train = KeyedSamples(train, SPLIT_IDS["train"])
+        valid = None if valid is None else KeyedSamples(valid, SPLIT_IDS["valid"])
     return DatasetSource(train, valid, cfg.train.micro_batch_size, ctx, cfg.data.num_workers)

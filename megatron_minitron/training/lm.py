@@ -68,4 +68,9 @@ def train_lm(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:
 
 
 def distill(cfg: MinitronConfig, model_overridden: bool = False) -> LoopState:
+    """From the teacher model, or from its cache (distill.teacher_cache) with no teacher."""
+    if cfg.distill.teacher_cache:
+        from megatron_minitron.training.cached_distill import cached_kd_step
+
+        return run_training(cfg, model_overridden, cached_kd_step)
     return run_training(cfg, model_overridden, kd_step)
