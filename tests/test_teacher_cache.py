@@ -1,0 +1,148 @@
+"""`minitron cache-teacher` and `minitron distill distill.teacher_cache=...`: a cache written
+once reads to the same losses at TP=1/TP=2, DP=1/DP=2 and micro-batch 2/4; an interrupted
+write resumes (at another layout) to the same records; a cache of another teacher or other
+data is refused by name."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli_process import minitron
+from distributed import run_distributed
+
+BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
+        "train.eval_interval=0", "train.eval_iters=1", "logger.backend=none",
+        "logger.progress_bar=false", "train.optimizer.lr_warmup_iters=0"]
+CACHE = ["cache.mode=both", "cache.k=8", "cache.shard_samples=4", "train.train_iters=3",
+         "runtime.seed=9"]
+
+
+def _run(stage, run_dir, overrides):
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.distill.cache_writer import write_cache
+    from megatron_minitron.training.lm import distill, train_lm
+    from megatron_minitron.training.metrics import read_metrics
+
+    cfg = load_config(BASE + [f"run.dir={run_dir}"] + overrides)
+    if stage == "cache":
+        return str(write_cache(cfg))
+    {"distill": distill, "train": train_lm}[stage](cfg)
+    return [m for m in read_metrics(run_dir) if "kd_loss" in m]
+
+
+def _jobs(jobs):
+    import os
+
+    port, out = int(os.environ["MASTER_PORT"]), []
+    for i, job in enumerate(jobs):
+        os.environ["MASTER_PORT"] = str(port + 1 + i)
+        out.append(_run(*job))
+    return out
+
+
+def records(folder):
+    """{(split, sample): {array name: record}} of every shard in a cache folder."""
+    out = {}
+    for p in Path(folder).glob("*.npz"):
+        with np.load(p) as z:
+            for row, i in enumerate(z["samples"]):
+                out[(p.name.split("-")[0], int(i))] = {k: z[k][row] for k in z.files}
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache")
+    teacher, student, other = (str(d / n / "checkpoints") for n in ("teacher", "s0", "other"))
+    cache = str(d / "cache")
+    distill = ["train.train_iters=3", f"checkpoint.load={student}", "runtime.seed=9",
+               f"distill.teacher_cache={cache}"]
+    one = run_distributed(_jobs, 1, [
+        ("train", str(d / "teacher"), ["train.train_iters=4"]),
+        ("train", str(d / "s0"), ["train.train_iters=1", "runtime.seed=9"]),
+        ("train", str(d / "other"), ["train.train_iters=1", "runtime.seed=5"]),
+        ("cache", str(d / "c"), CACHE + [f"distill.teacher_checkpoint={teacher}",
+                                         f"cache.output={cache}"]),
+        ("distill", str(d / "tp1"), distill),
+        ("distill", str(d / "tp1_topk"), distill + ["distill.teacher_cache_estimator=topk",
+                                                    "distill.ce_weight=0.5"]),
+        ("distill", str(d / "mbs4"), distill + ["train.micro_batch_size=4"])])[0]
+    # an interrupted write: no index, a shard lost, one damaged, a temporary file left over
+    partial = d / "partial"
+    shutil.copytree(cache, partial)
+    (partial / "index.json").unlink()
+    shards = sorted(partial.glob("train-*.npz"))
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:-10])
+    (partial / "train-0000000099.123.tmp").write_bytes(b"x")
+    two = run_distributed(_jobs, 2, [
+        ("distill", str(d / "tp2"), distill + ["parallel.tensor_model_parallel_size=2"]),
+        ("distill", str(d / "tp2_topk"), distill + ["parallel.tensor_model_parallel_size=2",
+                                                    "distill.teacher_cache_estimator=topk",
+                                                    "distill.ce_weight=0.5"]),
+        ("distill", str(d / "dp2"), distill),
+        ("cache", str(d / "c2"), CACHE + [f"distill.teacher_checkpoint={teacher}",
+                                          f"cache.output={partial}"])])[0]
+    return dict(d=d, teacher=teacher, other=other, cache=cache, partial=str(partial),
+                tp1=one[4], tp1_topk=one[5], mbs4=one[6], tp2=two[0], tp2_topk=two[1],
+                dp2=two[2])
+
+
+def _same(a, b):
+    assert [m["step"] for m in a] == [m["step"] for m in b] and len(a) >= 3
+    for key in ("kd_loss", "lm_loss"):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-5), key
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "mbs4"])
+def test_cache_reads_to_the_same_losses_at_every_layout(runs, layout):
+    _same(runs[layout], runs["tp1"])
+
+
+def test_topk_estimator_reads_the_same_at_tp2(runs):
+    _same(runs["tp2_topk"], runs["tp1_topk"])
+    # and it is another loss than the sampled one
+    assert runs["tp1_topk"][0]["kd_loss"] != pytest.approx(runs["tp1"][0]["kd_loss"], rel=1e-3)
+
+
+def test_interrupted_write_resumes_to_the_same_records(runs):
+    full, resumed = records(runs["cache"]), records(runs["partial"])
+    assert full.keys() == resumed.keys() and len(full) == 3 * 4 + 4
+    assert (Path(runs["partial"]) / "index.json").is_file()
+    assert not list(Path(runs["partial"]).glob("*.tmp"))
+    for key, want in full.items():
+        got = resumed[key]
+        for name in ("samples", "token_hash", "topk_ids", "sampled_ids", "sampled_counts"):
+            assert (got[name] == want[name]).all(), (key, name)
+        for name in ("topk_logp", "topk_tail", "entropy"):
+            np.testing.assert_allclose(got[name], want[name], atol=2e-3)
+
+
+def _refused(runs, *overrides):
+    p = minitron("distill", *BASE, f"run.dir={runs['d']}/refused", "train.train_iters=3",
+                 f"checkpoint.load={runs['teacher']}", f"distill.teacher_cache={runs['cache']}",
+                 *overrides)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("minitron: error")]
+    assert len(lines) == 1 and "distill.teacher_cache" in lines[0], err
+    return lines[0]
+
+
+def test_cache_of_another_teacher_is_refused(runs):
+    assert "another teacher" in _refused(runs, f"distill.teacher_checkpoint={runs['other']}")
+
+
+def test_cache_of_other_data_is_refused(runs):
+    assert "other data" in _refused(runs, "runtime.seed=5")  # the seed orders the samples
+
+
+def test_incomplete_cache_is_refused(runs, tmp_path):
+    shutil.copytree(runs["cache"], tmp_path / "c")
+    (tmp_path / "c" / "index.json").unlink()
+    p = minitron("distill", *BASE, f"run.dir={tmp_path}/r", f"distill.teacher_cache="
+                 f"{tmp_path / 'c'}", f"checkpoint.load={runs['teacher']}")
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 2 and "distill.teacher_cache" in err and "complete" in err, err
