@@ -39,6 +39,10 @@ class PipelineConfig:
     geometrically between the teacher and the target, each round re-scoring the last student."""
     distill_iters: int = 200
     """Distillation steps per round (train.* gives batch size, lr and the rest)."""
+    teacher_cache: bool = False
+    """Cache the (corrected) teacher's distributions once (run.dir/teacher_cache, `minitron
+    cache-teacher` with cache.*) and run the search candidates' and every round's
+    distillation from it, with no teacher forward (a crashed cache write resumes)."""
     export: bool = True
     """Export the final student to Hugging Face format (run.dir/export)."""
     eval_samples: int = 64

@@ -48,6 +48,20 @@ def samples_needed(cfg: MinitronConfig) -> Dict[str, int]:
             "valid": t.eval_iters * t.global_batch_size}
 
 
+def dataset_samples(header: dict) -> tuple:
+    """The (train, valid, test) sample counts the datasets are built for, by the writer and by
+    every reader: megatron's GPTDataset orders its samples according to how many it is asked
+    for, so runs with other train plans (search candidates, pipeline rounds) read the same
+    samples only when they build the datasets the cache was built from."""
+    return header["samples"]["train"], header["samples"]["valid"], header["samples"]["valid"]
+
+
+def read_header(folder: str) -> dict:
+    from megatron_minitron.distill.teacher_cache import HEADER, read_json
+
+    return read_json(Path(folder).expanduser() / HEADER, "distill.teacher_cache")
+
+
 def build_header(cfg: MinitronConfig, teacher: str, tok: Tokenizer, vocab_size: int) -> dict:
     c = cfg.cache
     return {"format": FORMAT, "teacher": teacher_hash(teacher, "distill.teacher_checkpoint"),

@@ -24,7 +24,7 @@ from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.data.loader import BATCH_KEYS
 from megatron_minitron.data.sample_keys import SPLIT_IDS
 from megatron_minitron.distill import cache_records as rec
-from megatron_minitron.distill.cache_header import build_header, same_build
+from megatron_minitron.distill.cache_header import build_header, dataset_samples, same_build
 from megatron_minitron.distill.teacher_cache import (HEADER, INDEX, disk_use, intact_shards,
                                                      write_shard)
 from megatron_minitron.runtime.collectives import all_gather_last_dim
@@ -149,7 +149,7 @@ def _finish(folder: Path, header: dict) -> None:
 
 def write_cache(cfg: MinitronConfig) -> Path:
     """Write (or complete) the cache of cfg.distill.teacher_checkpoint; its folder."""
-    from megatron_minitron.data.datasets import build_datasets, samples_per_split
+    from megatron_minitron.data.datasets import build_datasets
     from megatron_minitron.data.tokenizer import build_tokenizer, tokenizer_from_description
     from megatron_minitron.models.builder import build_model
     from megatron_minitron.runtime.distributed import initialize, teardown
@@ -163,9 +163,9 @@ def write_cache(cfg: MinitronConfig) -> Path:
         tok = (tokenizer_from_description(t.tokenizer) if cfg.data.tokenizer.path is None
                and t.tokenizer else build_tokenizer(cfg.data.tokenizer))
         barrier = dist.barrier if dist.is_initialized() else None
-        datasets = build_datasets(cfg.data, tok, samples_per_split(cfg.train), cfg.runtime.seed,
-                                  is_rank0=ctx.rank == 0, barrier=barrier)
         header = build_header(cfg, teacher, tok, t.model.vocab_size)
+        datasets = build_datasets(cfg.data, tok, dataset_samples(header), cfg.runtime.seed,
+                                  is_rank0=ctx.rank == 0, barrier=barrier)
         box = [_prepare(folder, header) if ctx.rank == 0 else None]
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)

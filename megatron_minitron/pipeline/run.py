@@ -120,6 +120,11 @@ def run_pipeline(cfg: MinitronConfig) -> Dict:
                 cfg, teacher["checkpoint"], out))
             tokens = teacher["tokens"]
         teacher_ckpt = teacher["checkpoint"]
+        if p.teacher_cache:  # one pass of the teacher, read by search and every round
+            cached = runner.run("teacher_cache", lambda out: stages.cache_teacher(
+                cfg, teacher_ckpt, out))
+            cfg = dataclasses.replace(cfg, distill=dataclasses.replace(
+                cfg.distill, teacher_cache=cached["cache"]))
         budgets = round_budgets(cfg, teacher_ckpt)
         check_target(cfg, teacher_ckpt, budgets[-1])
         student, rounds = teacher_ckpt, []

@@ -120,6 +120,25 @@ def correct_teacher(cfg: MinitronConfig, teacher: str, out: Path) -> Dict:
                   cfg.pipeline.correction_lr)
 
 
+def cache_teacher(cfg: MinitronConfig, teacher: str, out: Path) -> Dict:
+    """The teacher's cache for every distillation of the pipeline: as many train and
+    validation samples as the longest of them reads (the distill rounds, search candidates)."""
+    from megatron_minitron.distill.cache_writer import write_cache
+
+    iters, evals = cfg.pipeline.distill_iters, cfg.train.eval_iters
+    if cfg.pipeline.target == "search":
+        from megatron_minitron.pipeline.search import distill_iters
+
+        iters, evals = max(iters, distill_iters(cfg)), max(evals, cfg.search.eval_iters)
+    stage_cfg = dataclasses.replace(
+        cfg, run=RunConfig(dir=str(out)),
+        train=dataclasses.replace(stage_train_config(cfg.train, max(iters, 1)),
+                                  eval_iters=evals),
+        distill=dataclasses.replace(cfg.distill, teacher_checkpoint=teacher),
+        cache=dataclasses.replace(cfg.cache, output=str(out / "cache")))
+    return {"cache": str(write_cache(stage_cfg))}
+
+
 def distill_student(cfg: MinitronConfig, teacher: str, student: str, out: Path) -> Dict:
     from megatron_minitron.training.lm import distill
 

@@ -47,7 +47,12 @@ def resolve_tokenizer(cfg: MinitronConfig, header: Optional[CheckpointHeader]) -
 def build_source(cfg: MinitronConfig, ctx: ParallelContext, tok: Tokenizer) -> DatasetSource:
     import torch.distributed as dist
 
-    train, valid, _ = build_datasets(cfg.data, tok, samples_per_split(cfg.train), cfg.runtime.seed,
+    counts = samples_per_split(cfg.train)
+    if cfg.distill.teacher_cache:  # the datasets the cache was written from
+        from megatron_minitron.distill.cache_header import dataset_samples, read_header
+
+        counts = dataset_samples(read_header(cfg.distill.teacher_cache))
+    train, valid, _ = build_datasets(cfg.data, tok, counts, cfg.runtime.seed,
                                      is_rank0=ctx.rank == 0,
                                      barrier=dist.barrier if dist.is_initialized() else None)
     if cfg.distill.teacher_cache:  # the batches say which samples they hold

@@ -1,0 +1,129 @@
+"""Teacher-free distillation speed: one distillation step reading the teacher's cached
+distributions (CachedKDStep: student forward/backward, fused cached-target loss, optimizer
+step, cache lookups with shard decompression and token-hash checks) divided by one plain
+cross-entropy training step (LMStep) of the same student on the same batches. Target: <= 1.10.
+Both run in one process, interleaved round by round (bench/stats.py); median and range of the
+per-round ratio, in wall and in CPU time. Student: the llama_10m shape (8 layers, hidden 256,
+vocabulary 8192). The cache is a real one (teacher_cache.py shards and index) over `samples`
+samples whose records come from random teacher logits (the records' content does not change
+the step's cost); it holds more shards than the reader keeps open, so shards are re-read and
+verified as a long run would. Also prints the cache's disk use per token.
+
+    python bench/teacher_cache.py [--rounds 10] [--mode sampled|topk] [--k 32] [--seq 256]
+                                  [--mbs 4] [--samples 96]
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import interleaved, ratio_summary  # noqa: E402
+
+
+def write_cache(folder: Path, samples: int, seq: int, vocab: int, mode: str, k: int,
+                shard: int):
+    """A cache folder of `samples` random samples; their token tensors."""
+    from megatron_minitron.distill import cache_records as rec
+    from megatron_minitron.distill.teacher_cache import HEADER, INDEX, write_shard
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (samples, seq + 1), generator=g)
+    shards = {}
+    for start in range(0, samples, shard):
+        rows = []
+        for i in range(start, min(samples, start + shard)):
+            logp = torch.log_softmax(torch.randn(seq, vocab, generator=g) * 3, dim=-1)
+            r = (rec.topk_record(logp, k, np.dtype(np.float16)) if mode == "topk" else
+                 rec.sampled_record(logp, k, rec.sample_generator(0, 0, i), np.dtype(np.float16)))
+            r.update(samples=np.int64(i), token_hash=rec.token_hash(tokens[i, :-1]))
+            rows.append(r)
+        name = write_shard(folder, "train", {n: np.stack([r[n] for r in rows]) for n in rows[0]})
+        shards[name] = list(range(start, min(samples, start + shard)))
+    header = {"mode": mode, "k": k, "temperature": 1.0, "seq_length": seq,
+              "samples": {"train": samples, "valid": 0}}
+    (folder / HEADER).write_text(json.dumps(header))
+    (folder / INDEX).write_text(json.dumps({"complete": True, "shards": shards}))
+    return tokens
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--mode", choices=["sampled", "topk"], default="sampled")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--shard", type=int, default=8)
+    a = p.parse_args()
+
+    from megatron_minitron.config.distill import DistillConfig
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.distill.cached_step import CachedKDStep
+    from megatron_minitron.distill.teacher_cache import TeacherCache, disk_use
+    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.training.lm_step import LMStep
+    from megatron_minitron.training.loop import Trainer
+    from megatron_minitron.training.metrics import MetricsWriter
+    from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
+                                                      wrap_ddp)
+
+    cfg = load_config(["model=llama_10m", f"data.seq_length={a.seq}",
+                       f"train.micro_batch_size={a.mbs}", f"train.global_batch_size={a.mbs}",
+                       "runtime.precision=fp32", "logger.backend=none", "train.train_iters=1000"])
+    ctx = initialize(cfg.parallel, cfg.runtime)
+    vocab = cfg.model.vocab_size
+    folder = Path(tempfile.mkdtemp(prefix="minitron_cache_bench_"))
+    tokens = write_cache(folder, a.samples, a.seq, vocab, a.mode, a.k, a.shard)
+    cache = TeacherCache(str(folder))
+
+    def batches():
+        while True:
+            for start in range(0, a.samples - a.mbs + 1, a.mbs):
+                ids = tokens[start:start + a.mbs]
+                yield {"tokens": ids[:, :-1], "labels": ids[:, 1:],
+                       "loss_mask": torch.ones(a.mbs, a.seq),
+                       "position_ids": torch.arange(a.seq).expand(a.mbs, -1),
+                       "sample_key": torch.stack([torch.zeros(a.mbs, dtype=torch.long),
+                                                  torch.arange(start, start + a.mbs)], -1)}
+
+    def trainer(make_step):
+        raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
+        step = make_step(raw)
+        chunks = wrap_ddp(raw)
+        opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
+        attach_schedule_hooks(chunks, opt)
+        return Trainer(cfg, ctx, chunks, step, opt, sched, None,
+                       MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+
+    dcfg = DistillConfig(teacher_cache=str(folder), teacher_cache_estimator=a.mode)
+    kd = trainer(lambda raw: CachedKDStep(dcfg, cache, raw[0], ctx.tp_group, vocab,
+                                          ctx.device, num_microbatches=1))
+    lm = trainer(lambda raw: LMStep(ctx.device, num_microbatches=1))
+    kd_it, lm_it = batches(), batches()
+    fns = {"cached_kd": lambda: kd.train_step(kd_it), "lm": lambda: lm.train_step(lm_it)}
+    m = cfg.model
+    print(f"student llama_10m ({m.num_layers} layers, hidden {m.hidden_size}, vocab "
+          f"{m.padded_vocab_size}), batch {a.mbs}x{a.seq}, fp32, cache {a.mode} k={a.k}, "
+          f"{a.samples} samples in shards of {a.shard} (reader keeps {cache.keep} open), "
+          f"threads {torch.get_num_threads()}")
+    print(f"cache disk use: {disk_use(folder)}")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    for clock, what in ((time.perf_counter, "wall"), (time.process_time, "CPU")):
+        times = interleaved(fns, a.rounds, clock=clock)
+        print("  ".join(f"{k} {med(times[k]) * 1e3:.0f} ms" for k in fns) + f" ({what})")
+        print(f"cached KD step / CE step, {what} time: "
+              f"{ratio_summary(times['cached_kd'], times['lm'])}")
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
