@@ -146,3 +146,20 @@ def test_incomplete_cache_is_refused(runs, tmp_path):
                  f"{tmp_path / 'c'}", f"checkpoint.load={runs['teacher']}")
     _, err = p.communicate(timeout=600)
     assert p.returncode == 2 and "distill.teacher_cache" in err and "complete" in err, err
+
+
+def test_pipeline_builds_one_cache_read_by_search_and_distill(tmp_path):
+    """pipeline.teacher_cache=true: a teacher_cache stage, then every search candidate and
+    the distill stage read it (their resolved configs name it; no teacher model is built)."""
+    p = minitron("pipeline", "experiment=smoke", f"run.dir={tmp_path}", "pipeline.target=search",
+                 "search.max_candidates=2", "search.distill_iters=2", "search.eval_iters=1",
+                 "pipeline.distill_iters=2", "pipeline.export=false", "pipeline.correction_iters=4",
+                 "pipeline.teacher_cache=true")
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+    cache = str(tmp_path / "teacher_cache" / "cache")
+    assert (Path(cache) / "index.json").is_file()
+    runs = [tmp_path / "distill"] + [q for q in (tmp_path / "search").iterdir() if q.is_dir()]
+    assert len(runs) == 3
+    for run in runs:
+        assert f"teacher_cache: {cache}" in (run / "config.yaml").read_text(), run
