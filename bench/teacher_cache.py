@@ -10,7 +10,11 @@ the step's cost); it holds more shards than the reader keeps open, so shards are
 verified as a long run would. Also prints the cache's disk use per token.
 
     python bench/teacher_cache.py [--rounds 10] [--mode sampled|topk] [--k 32] [--seq 256]
-                                  [--mbs 4] [--samples 96]
+                                  [--mbs 4] [--samples 96] [--student CKPT]
+
+--student: time that checkpoint's architecture instead (e.g. the SmolLM2 student fixture
+/tmp/minitron_bench_smollm2/pruned/activation_a37a824b1a, vocabulary 49,152: 16-bit ids); its
+weights are loaded, the cache's records are still random.
 """
 
 import argparse
@@ -62,6 +66,7 @@ def main():
     p.add_argument("--mbs", type=int, default=4)
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--shard", type=int, default=8)
+    p.add_argument("--student", default=None)
     a = p.parse_args()
 
     from megatron_minitron.config.distill import DistillConfig
@@ -79,6 +84,12 @@ def main():
     cfg = load_config(["model=llama_10m", f"data.seq_length={a.seq}",
                        f"train.micro_batch_size={a.mbs}", f"train.global_batch_size={a.mbs}",
                        "runtime.precision=fp32", "logger.backend=none", "train.train_iters=1000"])
+    if a.student:
+        import dataclasses
+
+        from megatron_minitron.checkpoint.dist import read_header
+
+        cfg = dataclasses.replace(cfg, model=read_header(a.student).model)
     ctx = initialize(cfg.parallel, cfg.runtime)
     vocab = cfg.model.vocab_size
     folder = Path(tempfile.mkdtemp(prefix="minitron_cache_bench_"))
@@ -97,6 +108,10 @@ def main():
 
     def trainer(make_step):
         raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
+        if a.student:
+            from megatron_minitron.checkpoint.dist import load
+
+            load(a.student, raw, ctx=ctx)
         step = make_step(raw)
         chunks = wrap_ddp(raw)
         opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
@@ -111,7 +126,7 @@ def main():
     kd_it, lm_it = batches(), batches()
     fns = {"cached_kd": lambda: kd.train_step(kd_it), "lm": lambda: lm.train_step(lm_it)}
     m = cfg.model
-    print(f"student llama_10m ({m.num_layers} layers, hidden {m.hidden_size}, vocab "
+    print(f"student {a.student or 'llama_10m'} ({m.num_layers} layers, hidden {m.hidden_size}, vocab "
           f"{m.padded_vocab_size}), batch {a.mbs}x{a.seq}, fp32, cache {a.mode} k={a.k}, "
           f"{a.samples} samples in shards of {a.shard} (reader keeps {cache.keep} open), "
           f"threads {torch.get_num_threads()}")

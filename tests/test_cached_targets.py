@@ -137,3 +137,22 @@ def test_cached_loss_at_tp2_equals_tp1(kind):
         # the hidden-state gradient of each rank is its vocabulary slice's share
     torch.testing.assert_close(r0[2] + r1[2], gh, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.cat([r0[3], r1[3]]), gw, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["cache.mode=all"], "cache.mode"),
+    (["cache.k=300"], "cache.k"),
+    (["cache.temperature=0"], "cache.temperature"),
+    (["cache.logprob_dtype=int8"], "cache.logprob_dtype"),
+    (["distill.teacher_cache=/x", "distill.logit_loss=jsd"], "distill.teacher_cache"),
+    (["distill.teacher_cache=/x", "distill.hidden_loss=mse", "distill.layer_pairs=[[1,1]]"],
+     "distill.teacher_cache"),
+    (["distill.teacher_cache=/x", "distill.fused_output=false"], "distill.teacher_cache"),
+    (["distill.teacher_cache_estimator=full"], "distill.teacher_cache_estimator"),
+])
+def test_bad_cache_settings_name_the_field(overrides, field):
+    from megatron_minitron.config.errors import ConfigError
+    from megatron_minitron.config.loader import load_config
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(overrides)

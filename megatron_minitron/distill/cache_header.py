@@ -48,12 +48,12 @@ def samples_needed(cfg: MinitronConfig) -> Dict[str, int]:
             "valid": t.eval_iters * t.global_batch_size}
 
 
-def dataset_samples(header: dict) -> tuple:
+def dataset_samples(samples: Dict[str, int]) -> tuple:
     """The (train, valid, test) sample counts the datasets are built for, by the writer and by
     every reader: megatron's GPTDataset orders its samples according to how many it is asked
     for, so runs with other train plans (search candidates, pipeline rounds) read the same
     samples only when they build the datasets the cache was built from."""
-    return header["samples"]["train"], header["samples"]["valid"], header["samples"]["valid"]
+    return samples["train"], samples["valid"], samples["valid"]
 
 
 def read_header(folder: str) -> dict:

@@ -24,7 +24,8 @@ from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.data.loader import BATCH_KEYS
 from megatron_minitron.data.sample_keys import SPLIT_IDS
 from megatron_minitron.distill import cache_records as rec
-from megatron_minitron.distill.cache_header import build_header, dataset_samples, same_build
+from megatron_minitron.distill.cache_header import (build_header, dataset_samples, same_build,
+                                                    samples_needed)
 from megatron_minitron.distill.teacher_cache import (HEADER, INDEX, disk_use, intact_shards,
                                                      write_shard)
 from megatron_minitron.runtime.collectives import all_gather_last_dim
@@ -163,9 +164,9 @@ def write_cache(cfg: MinitronConfig) -> Path:
         tok = (tokenizer_from_description(t.tokenizer) if cfg.data.tokenizer.path is None
                and t.tokenizer else build_tokenizer(cfg.data.tokenizer))
         barrier = dist.barrier if dist.is_initialized() else None
-        header = build_header(cfg, teacher, tok, t.model.vocab_size)
-        datasets = build_datasets(cfg.data, tok, dataset_samples(header), cfg.runtime.seed,
-                                  is_rank0=ctx.rank == 0, barrier=barrier)
+        datasets = build_datasets(cfg.data, tok, dataset_samples(samples_needed(cfg)),
+                                  cfg.runtime.seed, is_rank0=ctx.rank == 0, barrier=barrier)
+        header = build_header(cfg, teacher, tok, t.model.vocab_size)  # the data exists now
         box = [_prepare(folder, header) if ctx.rank == 0 else None]
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)

@@ -51,7 +51,7 @@ def build_source(cfg: MinitronConfig, ctx: ParallelContext, tok: Tokenizer) -> D
     if cfg.distill.teacher_cache:  # the datasets the cache was written from
         from megatron_minitron.distill.cache_header import dataset_samples, read_header
 
-        counts = dataset_samples(read_header(cfg.distill.teacher_cache))
+        counts = dataset_samples(read_header(cfg.distill.teacher_cache)["samples"])
     train, valid, _ = build_datasets(cfg.data, tok, counts, cfg.runtime.seed,
                                      is_rank0=ctx.rank == 0,
                                      barrier=dist.barrier if dist.is_initialized() else None)
