@@ -60,9 +60,10 @@ def main():
     s, _ = logits_of(a.student, batches, ctx, runtime)
     logp, logq = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
-    g_full = logq.exp() - logp.exp()
+    g_full = (logq.exp() - logp.exp()).double()
 
     def compare(name, per_token, grad):
+        grad = grad.double()  # fp64 sums over n x vocab entries
         err = float((grad - g_full).norm() / g_full.norm())
         cos = float((grad * g_full).sum() / (grad.norm() * g_full.norm()))
         print(f"{name:<22} {float(per_token.mean()):>9.4f} {err:>10.4f} {cos:>8.4f}")
@@ -78,7 +79,7 @@ def main():
                           torch.from_numpy(r["topk_tail"].astype(np.float32)))
         compare(f"top-{k} + tail", *c.divergence(s.clone(), 0, None))
     for k in (8, 32):
-        loss_sum, grad_sum = 0.0, torch.zeros_like(g_full)
+        loss_sum, grad_sum = 0.0, torch.zeros_like(g_full)  # fp64
         for d in range(a.draws):
             r = rec.sampled_record(logp, k, rec.sample_generator(d, 0, 0), np.dtype(np.float16))
             cnt = r["sampled_counts"].astype(np.float32)
@@ -86,7 +87,7 @@ def main():
                               torch.from_numpy(cnt / cnt.sum(-1, keepdims=True)),
                               torch.from_numpy(r["entropy"].astype(np.float32)))
             loss, grad = c.divergence(s.clone(), 0, None)
-            loss_sum, grad_sum = loss_sum + loss, grad_sum.add_(grad)
+            loss_sum, grad_sum = loss_sum + loss, grad_sum.add_(grad.double())
             if d == 0:
                 compare(f"sampled k={k}, 1 draw", loss, grad)
             del grad
