@@ -145,6 +145,7 @@ def test_cached_loss_at_tp2_equals_tp1(kind):
     (["cache.temperature=0"], "cache.temperature"),
     (["cache.logprob_dtype=int8"], "cache.logprob_dtype"),
     (["distill.teacher_cache=/x", "distill.logit_loss=jsd"], "distill.teacher_cache"),
+    (["distill.teacher_cache=/x", "distill.logit_loss=topk_kl"], "distill.teacher_cache"),
     (["distill.teacher_cache=/x", "distill.hidden_loss=mse", "distill.layer_pairs=[[1,1]]"],
      "distill.teacher_cache"),
     (["distill.teacher_cache=/x", "distill.fused_output=false"], "distill.teacher_cache"),

@@ -130,10 +130,11 @@ class DistillConfig:
             self._check_cache_compatible()
 
     def _check_cache_compatible(self):
-        if self.logit_loss not in ("forward_kl", "topk_kl"):
+        if self.logit_loss != "forward_kl":
             raise ConfigError("distill.teacher_cache", f"a cache estimates the forward KL, not "
-                              f"logit_loss={self.logit_loss}", "set distill.logit_loss="
-                              "forward_kl, or drop teacher_cache to distil online")
+                              f"logit_loss={self.logit_loss}", "keep distill.logit_loss="
+                              "forward_kl and choose distill.teacher_cache_estimator=topk|"
+                              "sampled (the cache's k), or drop teacher_cache to distil online")
         if self.uses_hidden_states:
             raise ConfigError("distill.teacher_cache", "hidden-state losses need the teacher's "
                               "hidden states, which a cache does not hold",
