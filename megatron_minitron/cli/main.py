@@ -36,7 +36,7 @@ def filter_unactionable_warnings() -> None:
 
 def usage() -> str:
     lines = ["usage: minitron STAGE [key=value ...]", "", "stages:"]
-    lines += [f"  {name:<11} {text}" for name, text in STAGES.items()]
+    lines += [f"  {name:<13} {text}" for name, text in STAGES.items()]
     return "\n".join(lines)
 
 
