@@ -35,7 +35,7 @@ def run(stage, run_dir, overrides):
     cfg = load_config(BASE + [f"run.dir={run_dir}"] + overrides)
     os.environ.pop("MASTER_PORT", None)  # a fresh rendezvous port for each run
     if stage == "cache":
-        if not (Path(cfg.cache.folder(str(run_dir))) / "index.json").is_file():
+        if not (Path(cfg.cache_output) / "index.json").is_file():
             write_cache(cfg)
         return None
     if not (Path(run_dir) / "checkpoints" / "latest").is_file():

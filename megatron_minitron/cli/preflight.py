@@ -88,7 +88,7 @@ def cache_teacher(cfg: MinitronConfig) -> None:
         raise ConfigError("distill.teacher_checkpoint", "no teacher given",
                           "set distill.teacher_checkpoint=CKPT (the teacher to cache)")
     positions(cfg, check_readable(teacher, "distill.teacher_checkpoint").model)
-    writable_dir(cfg.cache.folder(cfg.run.dir), "cache.output" if cfg.cache.output else "run.dir")
+    writable_dir(cfg.cache_output, "cache.output" if cfg.cache.output else "run.dir")
 
 
 def importance(cfg: MinitronConfig) -> None:

@@ -55,6 +55,3 @@ class CacheConfig:
                               "use a positive temperature, e.g. 1.0")
         if self.shard_samples < 1:
             raise ConfigError("cache.shard_samples", "must be >= 1", "use e.g. 64")
-
-    def folder(self, run_dir: str) -> str:
-        return self.output or f"{run_dir}/teacher_cache"

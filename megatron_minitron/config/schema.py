@@ -106,6 +106,11 @@ class MinitronConfig:
         return self.prune.output or f"{self.run.dir}/pruned"
 
     @property
+    def cache_output(self) -> str:
+        """The teacher cache to write: cache.output, else RUN_DIR/teacher_cache."""
+        return self.cache.output or f"{self.run.dir}/teacher_cache"
+
+    @property
     def search_checkpoint(self) -> Optional[str]:
         """The source the search prunes: search.checkpoint, prune.checkpoint, checkpoint.load."""
         return self.search.checkpoint or self.prune_checkpoint

@@ -153,12 +153,11 @@ def write_cache(cfg: MinitronConfig) -> Path:
     from megatron_minitron.data.datasets import build_datasets
     from megatron_minitron.data.tokenizer import build_tokenizer, tokenizer_from_description
     from megatron_minitron.models.builder import build_model
-    from megatron_minitron.runtime.distributed import initialize, teardown
+    from megatron_minitron.runtime.distributed import process_groups
 
     teacher = cfg.distill.teacher_checkpoint
-    folder = Path(cfg.cache.folder(cfg.run.dir)).expanduser()
-    ctx = initialize(cfg.parallel, cfg.runtime)
-    try:
+    folder = Path(cfg.cache_output).expanduser()
+    with process_groups(cfg.parallel, cfg.runtime) as ctx:
         ckpt.verified(teacher, "distill.teacher_checkpoint", cfg.checkpoint.verify)
         t = ckpt.read_header(teacher, "distill.teacher_checkpoint")
         tok = (tokenizer_from_description(t.tokenizer) if cfg.data.tokenizer.path is None
@@ -185,5 +184,3 @@ def write_cache(cfg: MinitronConfig) -> Path:
             _finish(folder, header)
             print(f"cache-teacher: {folder}: {disk_use(folder)}", flush=True)
         return folder
-    finally:
-        teardown()

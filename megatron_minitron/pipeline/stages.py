@@ -127,7 +127,7 @@ def cache_teacher(cfg: MinitronConfig, teacher: str, out: Path) -> Dict:
 
     iters, evals = cfg.pipeline.distill_iters, cfg.train.eval_iters
     if cfg.pipeline.target == "search":
-        from megatron_minitron.pipeline.search import distill_iters
+        from megatron_minitron.pipeline.search_runs import distill_iters
 
         iters, evals = max(iters, distill_iters(cfg)), max(evals, cfg.search.eval_iters)
     stage_cfg = dataclasses.replace(
