@@ -150,6 +150,8 @@ def test_cached_loss_at_tp2_equals_tp1(kind):
      "distill.teacher_cache"),
     (["distill.teacher_cache=/x", "distill.fused_output=false"], "distill.teacher_cache"),
     (["distill.teacher_cache_estimator=full"], "distill.teacher_cache_estimator"),
+    (["distill.teacher_cache=/x", "distill.teacher_precision=bf16"],
+     "distill.teacher_precision"),
 ])
 def test_bad_cache_settings_name_the_field(overrides, field):
     from megatron_minitron.config.errors import ConfigError

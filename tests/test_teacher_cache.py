@@ -184,3 +184,27 @@ def test_pipeline_builds_one_cache_read_by_search_and_distill(tmp_path):
     assert len(runs) == 3
     for run in runs:
         assert f"teacher_cache: {cache}" in (run / "config.yaml").read_text(), run
+
+
+def test_second_cache_writer_on_one_folder_is_refused(runs, tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "held"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from megatron_minitron.runtime.run_lock import hold_run_dir\n"
+         f"with hold_run_dir({str(folder)!r}, 0, 'cache.output'):\n"
+         "    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = minitron("cache-teacher", *BASE, *CACHE, f"run.dir={tmp_path}/r",
+                     f"distill.teacher_checkpoint={runs['teacher']}", f"cache.output={folder}")
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err
+        line = err.strip().splitlines()[-1]
+        assert "cache.output" in line and str(holder.pid) in line
+        assert not list(folder.glob("*.npz")) and not (folder / "header.json").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)

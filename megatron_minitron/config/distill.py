@@ -142,6 +142,11 @@ class DistillConfig:
         if self.fused_output == "false":
             raise ConfigError("distill.teacher_cache", "the cached loss is built on the fused "
                               "output layer", "set distill.fused_output=auto")
+        if self.teacher_precision != "auto":
+            raise ConfigError("distill.teacher_precision", "no teacher runs when distilling "
+                              "from distill.teacher_cache: its precision was that of the "
+                              "`minitron cache-teacher` run (runtime.precision there)",
+                              "keep distill.teacher_precision=auto with a cache")
 
     @property
     def fuses_output_layer(self) -> bool:

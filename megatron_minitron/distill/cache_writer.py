@@ -154,10 +154,12 @@ def write_cache(cfg: MinitronConfig) -> Path:
     from megatron_minitron.data.tokenizer import build_tokenizer, tokenizer_from_description
     from megatron_minitron.models.builder import build_model
     from megatron_minitron.runtime.distributed import process_groups
+    from megatron_minitron.runtime.run_lock import hold_run_dir
 
     teacher = cfg.distill.teacher_checkpoint
     folder = Path(cfg.cache_output).expanduser()
-    with process_groups(cfg.parallel, cfg.runtime) as ctx:
+    with process_groups(cfg.parallel, cfg.runtime) as ctx, \
+            hold_run_dir(str(folder), ctx.rank, "cache.output"):
         ckpt.verified(teacher, "distill.teacher_checkpoint", cfg.checkpoint.verify)
         t = ckpt.read_header(teacher, "distill.teacher_checkpoint")
         tok = (tokenizer_from_description(t.tokenizer) if cfg.data.tokenizer.path is None

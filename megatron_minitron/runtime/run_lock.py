@@ -68,15 +68,15 @@ def _agreed(problem: Optional[str]) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def hold_run_dir(run_dir: str, rank: int):
-    """Rank 0 locks run_dir for the block; every rank raises ConfigError(run.dir) if another
+def hold_run_dir(run_dir: str, rank: int, field: str = "run.dir"):
+    """Rank 0 locks run_dir for the block; every rank raises ConfigError(field) if another
     process holds it. Collective when torch.distributed is initialised."""
     path = Path(run_dir).expanduser()
     problem = _acquire(path) if rank == 0 else None
     problem = _agreed(problem)
     if problem is not None:
-        raise ConfigError("run.dir", problem, "give this job a run.dir that is a writable "
-                          "folder no other job holds (or wait for that job, or stop it)")
+        raise ConfigError(field, problem, f"give this job a {field} that is a writable folder "
+                          "no other job holds (or wait for that job, or stop it)")
     try:
         yield
     finally:
