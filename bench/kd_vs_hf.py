@@ -120,8 +120,11 @@ def ours(k, teacher_ckpt: str, student_ckpt: str):
     return trainer, ctx.device
 
 
-def naive(k, teacher_hf: str, student_hf: str, device: torch.device):
-    """The afternoon transformers KD loop, one optimizer step per call."""
+def naive(k, teacher_hf: str, student_hf: str, device: torch.device, loss_kind: str = "kd",
+          lr: float = 3e-4):
+    """The afternoon transformers KD loop, one optimizer step per call. loss_kind="ce": the
+    same loop with the student's own cross entropy on the next tokens instead of forward KL
+    (the teacher is then not run). Returns step(tokens) -> loss; step.student is the model."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
@@ -130,10 +133,15 @@ def naive(k, teacher_hf: str, student_hf: str, device: torch.device):
     teacher.eval().requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(student_hf, dtype=dtype).to(device)
     student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=3e-4)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
 
     def step(tokens):
         opt.zero_grad(set_to_none=True)
+        if loss_kind == "ce":
+            loss = student(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            opt.step()
+            return loss
         with torch.no_grad():
             t_logits = teacher(input_ids=tokens).logits
         s_logits = student(input_ids=tokens).logits
@@ -145,6 +153,7 @@ def naive(k, teacher_hf: str, student_hf: str, device: torch.device):
         opt.step()
         return loss
 
+    step.student = student
     return step
 
 
