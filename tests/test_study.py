@@ -82,10 +82,26 @@ def test_rerun_skips_finished_arms_and_redoes_a_missing_one(tiny_study):
     missing = study / "arms" / "heads" / "groups.json"
     before = json.loads(missing.read_text())
     missing.unlink()
+    from megatron_minitron.study.report import KEPT_MARKER
+
+    md = study / "docs" / "RESULTS.md"
+    md.write_text(md.read_text() + f"\n{KEPT_MARKER}\n\n## Hand-written (issue 15)\nkept\n")
     ran = run_study(study)
     assert ran == ["study: ablation 5 arm groups"]
+    assert md.read_text().count("## Hand-written (issue 15)\nkept") == 1
     after = json.loads(missing.read_text())
     assert after["loss"] == before["loss"]  # its shared checkpoint was reused, not retrained
+
+
+def test_hand_written_tail_is_kept(tmp_path):
+    from megatron_minitron.study.report import KEPT_MARKER, kept_tail
+
+    md = tmp_path / "RESULTS.md"
+    assert kept_tail(md) == ""
+    md.write_text("# generated\n\nold numbers\n")
+    assert kept_tail(md) == ""
+    md.write_text(f"# generated\n\nold numbers\n{KEPT_MARKER}\n## Recipe\nrows\n")
+    assert kept_tail(md) == f"\n{KEPT_MARKER}\n## Recipe\nrows\n"
 
 
 def test_claims_follow_the_numbers_and_say_not_run():

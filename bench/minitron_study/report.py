@@ -123,6 +123,20 @@ def markdown(res: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+KEPT_MARKER = "<!-- sections below are written by hand (with their commands); study.py keeps them -->"
+"""RESULTS.md keeps everything from this line on when the study rewrites the file (sections
+whose figures come from other benches, e.g. the distillation recipe of issue 15)."""
+
+
+def kept_tail(path: Path) -> str:
+    """The hand-written tail of an existing RESULTS.md (from KEPT_MARKER), or ""."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    at = text.find(KEPT_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def write_report(study: StudyConfig) -> Path:
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,5 +144,5 @@ def write_report(study: StudyConfig) -> Path:
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     write_plots(res, out)
     path = out / "RESULTS.md"
-    path.write_text(markdown(res))
+    path.write_text(markdown(res) + kept_tail(path))
     return path
