@@ -31,7 +31,7 @@ STAGES = {  # name: candidate overrides of the recipe
     "batch": [{"mbs": 4, "gbs": 4}, {"mbs": 4, "gbs": 8}],
 }
 KNOBS = {"work": "/tmp/minitron_bench_smollm2", "tokens": 20480, "seeds": "1,2,3",
-         "stages": "lr,schedule", "windows": 10}
+         "stages": "lr,schedule", "windows": 10, "threads": 2}
 
 
 def main(argv):
@@ -39,7 +39,7 @@ def main(argv):
     from transformers import AutoTokenizer
 
     k = parse_knobs(argv, KNOBS)
-    torch.set_num_threads(2)
+    torch.set_num_threads(k["threads"])
     fixtures = rvn.students(k["work"])
     tok = AutoTokenizer.from_pretrained(fixtures[1])
     wins = {s: rvn.windows(tok, k["work"], k["windows"], s) for s in ("select", "report")}

@@ -20,7 +20,11 @@ given seed: the seed sets data order and any random init):
     naive_ours  (c) the naive KD loop from our student
 
     python bench/recipe_vs_naive.py [tokens=40960] [seeds=1,2,3] [arms=ours,manual,...]
-        [split=report|select] [windows=10] [work=/tmp/minitron_bench_smollm2] [recipe knobs]
+        [split=report|select] [windows=10] [threads=2] [work=/tmp/minitron_bench_smollm2]
+        [recipe knobs]
+
+threads: torch's intra-op threads of every arm (fp32 throughout). On a 2-core machine shared
+with other jobs threads=1 ran a Hugging Face forward 2x faster than threads=2 (wall time).
 
 Perplexity: Hugging Face transformers forward in fp32 of every trained student (ours exported
 with `mcore_to_hf`), on `windows` non-overlapping 256-token windows from the first half of each
@@ -58,7 +62,7 @@ NAMED = {"manual": dict(RECIPE, mbs=4, gbs=4, lr=3e-4, decay="constant", warmup=
 NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ours", "kd")}
 KNOBS = dict({"work": "/tmp/minitron_bench_smollm2", "tokens": 40960, "seeds": "1,2,3",
               "arms": "ours,manual,naive_ref,ce_ref,naive_ours", "split": "report",
-              "windows": 10}, **RECIPE)
+              "windows": 10, "threads": 2}, **RECIPE)
 
 
 def _key(obj) -> str:
@@ -198,6 +202,13 @@ def _naive(arm: str, k: dict, seed: int, fixtures, run_dir: Path) -> str:
     return str(run_dir / "hf")
 
 
+def _cached(path: Path, make):
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(make(), indent=1))
+    return json.loads(path.read_text())
+
+
 def summarize(results, texts, split):
     """{arm: {text: (mean ppl, min, max)}} over seeds."""
     out = {}
@@ -219,7 +230,7 @@ def verdict(ours, other) -> str:
 
 def main(argv):
     k = parse_knobs(argv, KNOBS)
-    torch.set_num_threads(2)
+    torch.set_num_threads(k["threads"])
     from megatron_minitron.eval.perplexity import checkpoint_tokenizer  # noqa: F401
     from transformers import AutoTokenizer
 
@@ -233,7 +244,10 @@ def main(argv):
     seeds = [int(s) for s in k["seeds"].split(",")]
     arms = k["arms"].split(",")
     start = {"teacher": fixtures[1], "pruned ours": fixtures[3], "pruned ref": fixtures[4]}
-    base = {name: hf_losses(d, wins_all[k["split"]]) for name, d in start.items()}
+    base = {name: _cached(Path(k["work"]) / "recipe_runs" / f"start_{name.replace(' ', '_')}_"
+                          f"{k['windows']}.json", lambda d=d: {
+                              s: hf_losses(d, w) for s, w in wins_all.items()})[k["split"]]
+            for name, d in start.items()}
     results = {}
     for seed in seeds:  # seeds outermost: a partial sweep still covers every arm
         for arm in arms:
