@@ -245,8 +245,8 @@ def main(argv):
     arms = k["arms"].split(",")
     start = {"teacher": fixtures[1], "pruned ours": fixtures[3], "pruned ref": fixtures[4]}
     base = {name: _cached(Path(k["work"]) / "recipe_runs" / f"start_{name.replace(' ', '_')}_"
-                          f"{k['windows']}.json", lambda d=d: {
-                              s: hf_losses(d, w) for s, w in wins_all.items()})[k["split"]]
+                          f"{k['windows']}_{k['split']}.json",
+                          lambda d=d: hf_losses(d, wins_all[k["split"]]))
             for name, d in start.items()}
     results = {}
     for seed in seeds:  # seeds outermost: a partial sweep still covers every arm
