@@ -31,7 +31,7 @@ STAGES = {  # name: candidate overrides of the recipe
     "batch": [{"mbs": 4, "gbs": 4}, {"mbs": 4, "gbs": 8}],
 }
 KNOBS = {"work": "/tmp/minitron_bench_smollm2", "tokens": 20480, "seeds": "1,2,3",
-         "stages": "lr,schedule", "windows": 10, "threads": 2}
+         "stages": "lr,schedule", "windows": 10, "threads": 2, "score": "select,report"}
 
 
 def main(argv):

@@ -23,8 +23,10 @@ given seed: the seed sets data order and any random init):
         [split=report|select] [windows=10] [threads=2] [work=/tmp/minitron_bench_smollm2]
         [recipe knobs]
 
-threads: torch's intra-op threads of every arm (fp32 throughout). On a 2-core machine shared
-with other jobs threads=1 ran a Hugging Face forward 2x faster than threads=2 (wall time).
+score: which halves each trained student is scored on (select,report: both; a run cached
+with fewer halves is not rescored). threads: torch's intra-op threads of every arm (fp32
+throughout); on a 2-core machine shared with other jobs threads=1 ran a Hugging Face forward
+2x faster than threads=2 (wall time).
 
 Perplexity: Hugging Face transformers forward in fp32 of every trained student (ours exported
 with `mcore_to_hf`), on `windows` non-overlapping 256-token windows from the first half of each
@@ -62,7 +64,7 @@ NAMED = {"manual": dict(RECIPE, mbs=4, gbs=4, lr=3e-4, decay="constant", warmup=
 NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ours", "kd")}
 KNOBS = dict({"work": "/tmp/minitron_bench_smollm2", "tokens": 40960, "seeds": "1,2,3",
               "arms": "ours,manual,naive_ref,ce_ref,naive_ours", "split": "report",
-              "windows": 10, "threads": 2}, **RECIPE)
+              "windows": 10, "threads": 2, "score": "select,report"}, **RECIPE)
 
 
 def _key(obj) -> str:
@@ -178,7 +180,8 @@ def run_arm(arm: str, recipe: dict, k: dict, seed: int, fixtures, wins_all) -> d
         model_dir = str(run_dir / "hf")
         mcore_to_hf(str(run_dir / "checkpoints"), model_dir, dtype="float32")
     train_s = time.perf_counter() - start
-    losses = {split: hf_losses(model_dir, w) for split, w in wins_all.items()}
+    losses = {split: hf_losses(model_dir, w) for split, w in wins_all.items()
+              if split in k["score"].split(",")}
     result = dict(spec, train_s=train_s, losses=losses)
     out.write_text(json.dumps(result, indent=1))
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -243,11 +246,6 @@ def main(argv):
     recipe = {name: k[name] for name in RECIPE}
     seeds = [int(s) for s in k["seeds"].split(",")]
     arms = k["arms"].split(",")
-    start = {"teacher": fixtures[1], "pruned ours": fixtures[3], "pruned ref": fixtures[4]}
-    base = {name: _cached(Path(k["work"]) / "recipe_runs" / f"start_{name.replace(' ', '_')}_"
-                          f"{k['windows']}_{k['split']}.json",
-                          lambda d=d: hf_losses(d, wins_all[k["split"]]))
-            for name, d in start.items()}
     results = {}
     for seed in seeds:  # seeds outermost: a partial sweep still covers every arm
         for arm in arms:
@@ -256,6 +254,11 @@ def main(argv):
             print(f"[{arm} seed {seed}: {r['train_s']:.0f} s, " + ", ".join(
                 f"{t} {math.exp(r['losses'][k['split']][t]):.1f}" for t in texts) + "]",
                 flush=True)
+    start = {"teacher": fixtures[1], "pruned ours": fixtures[3], "pruned ref": fixtures[4]}
+    base = {name: _cached(Path(k["work"]) / "recipe_runs" / f"start_{name.replace(' ', '_')}_"
+                          f"{k['windows']}_{k['split']}.json",
+                          lambda d=d: hf_losses(d, wins_all[k["split"]]))
+            for name, d in start.items()}
     summary = summarize(results, texts, k["split"])
     print(f"\nCPU: {cpu_description()}")
     print(f"{k['tokens']:,} demo-corpus tokens per arm, seeds {seeds}, ours = {recipe}; "
