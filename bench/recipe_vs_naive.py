@@ -25,7 +25,8 @@ given seed: the seed sets data order and any random init):
 
 score: which halves each trained student is scored on (select,report: both; a run cached
 with fewer halves is not rescored). threads: torch's intra-op threads of every arm (fp32
-throughout); on a 2-core machine shared with other jobs threads=1 ran a Hugging Face forward
+throughout); starts=false leaves out the rows of the teacher and the two just-pruned
+students (three more models to score); on a 2-core machine shared with other jobs threads=1 ran a Hugging Face forward
 2x faster than threads=2 (wall time).
 
 Perplexity: Hugging Face transformers forward in fp32 of every trained student (ours exported
@@ -64,7 +65,8 @@ NAMED = {"manual": dict(RECIPE, mbs=4, gbs=4, lr=3e-4, decay="constant", warmup=
 NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ours", "kd")}
 KNOBS = dict({"work": "/tmp/minitron_bench_smollm2", "tokens": 40960, "seeds": "1,2,3",
               "arms": "ours,manual,naive_ref,ce_ref,naive_ours", "split": "report",
-              "windows": 10, "threads": 2, "score": "select,report"}, **RECIPE)
+              "windows": 10, "threads": 2, "score": "select,report",
+              "starts": "true"}, **RECIPE)
 
 
 def _key(obj) -> str:
@@ -255,6 +257,8 @@ def main(argv):
                 f"{t} {math.exp(r['losses'][k['split']][t]):.1f}" for t in texts) + "]",
                 flush=True)
     start = {"teacher": fixtures[1], "pruned ours": fixtures[3], "pruned ref": fixtures[4]}
+    if k["starts"] != "true":  # starts=false: no rows for the teacher and the pruned students
+        start = {}
     base = {name: _cached(Path(k["work"]) / "recipe_runs" / f"start_{name.replace(' ', '_')}_"
                           f"{k['windows']}_{k['split']}.json",
                           lambda d=d: hf_losses(d, wins_all[k["split"]]))
