@@ -10,7 +10,7 @@ Arms, each trained on `tokens` demo-corpus tokens (the same samples in the same 
 given seed: the seed sets data order and any random init):
 
     ours        our student + `minitron distill` with the recipe under test (the knobs mbs, gbs,
-                lr, min_lr_ratio, decay, warmup, kd, ce, T; defaults: the chosen defaults)
+                lr, min_lr_ratio, decay, warmup, kd, ce, T; default: RECIPE below)
     manual      our student + `minitron distill`, 4 x 256 per step, constant lr 3e-4, no warmup
     demo        our student + `minitron distill` with the demo's recipe before issue 15
                 (8 x 256 per step, lr 1e-3 cosine to 1e-4, 5 warmup steps)
@@ -57,7 +57,8 @@ from knobs import parse_knobs  # noqa: E402
 SEQ = 256
 RECIPE = {"mbs": 4, "gbs": 4, "lr": 3e-4, "min_lr_ratio": 0.1, "decay": "constant",
           "warmup": 0, "kd": 1.0, "ce": 0.0, "T": 1.0}
-"""The recipe of the `ours` arm: the defaults chosen in docs/RESULTS.md (issue 15)."""
+"""The recipe of the `ours` arm by default: issue 15's manual try (4 x 256 per step, constant lr
+3e-4, no warmup, forward KL at T=1); bench/recipe_sweep.py prints a chosen recipe as knobs."""
 NAMED = {"manual": dict(RECIPE, mbs=4, gbs=4, lr=3e-4, decay="constant", warmup=0, kd=1.0,
                         ce=0.0, T=1.0),
          "demo": dict(RECIPE, mbs=4, gbs=8, lr=1e-3, min_lr_ratio=0.1, decay="cosine", warmup=5,
