@@ -82,7 +82,7 @@ def test_rerun_skips_finished_arms_and_redoes_a_missing_one(tiny_study):
     missing = study / "arms" / "heads" / "groups.json"
     before = json.loads(missing.read_text())
     missing.unlink()
-    from megatron_minitron.study.report import KEPT_MARKER
+    from minitron_study.report import KEPT_MARKER
 
     md = study / "docs" / "RESULTS.md"
     md.write_text(md.read_text() + f"\n{KEPT_MARKER}\n\n## Hand-written (issue 15)\nkept\n")
@@ -94,7 +94,7 @@ def test_rerun_skips_finished_arms_and_redoes_a_missing_one(tiny_study):
 
 
 def test_hand_written_tail_is_kept(tmp_path):
-    from megatron_minitron.study.report import KEPT_MARKER, kept_tail
+    from minitron_study.report import KEPT_MARKER, kept_tail
 
     md = tmp_path / "RESULTS.md"
     assert kept_tail(md) == ""
