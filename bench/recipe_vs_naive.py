@@ -282,8 +282,12 @@ def main(argv):
                 continue
             for t in texts:
                 gain = 1 - summary["ours"][t][0] / summary[arm][t][0]
+                mine = {r["seed"]: r["losses"][k["split"]][t] for r in results["ours"]}
+                pairs = [mine[r["seed"]] < r["losses"][k["split"]][t] for r in results[arm]
+                         if r["seed"] in mine]
                 print(f"{t}: ours {verdict(summary['ours'][t], summary[arm][t]).format(arm)}"
-                      f" ({gain:+.1%} perplexity vs {arm})")
+                      f" ({-gain:+.1%} perplexity vs {arm}; lower on {sum(pairs)} of "
+                      f"{len(pairs)} same-seed pairs)")
     return summary
 
 
