@@ -122,7 +122,7 @@ SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 def _hf_extra(hf_cfg: Dict[str, Any], hf_dir: Path, handles) -> Dict[str, Any]:
     """What export needs to give back the model it imported: ids, family, weight dtype, and
-    the config.json fields our model config does not hold (Mistral's sliding window)."""
+    the config.json fields our model config does not hold (Mistral's and Phi-3's sliding window)."""
     extra = {k: hf_cfg.get(k) for k in keymap.TOKEN_ID_FIELDS if hf_cfg.get(k) is not None}
     extra["model_type"] = hf_cfg["model_type"]
     dtypes = Counter(SAFETENSORS_DTYPES.get(h.get_slice(k).get_dtype())
@@ -139,7 +139,7 @@ def _hf_extra(hf_cfg: Dict[str, Any], hf_dir: Path, handles) -> Dict[str, Any]:
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, step: int = 0) -> Path:
-    """Convert an HF Llama/Mistral/Qwen2 folder into our checkpoint under out_dir.
+    """Convert an HF Llama/Mistral/Qwen2/Qwen3/Phi-3 folder into our checkpoint under out_dir.
     The tokenizer is copied to out_dir/tokenizer and recorded in the header."""
     from safetensors import safe_open
 
@@ -158,7 +158,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, step: int = 0) -> Path:
                        for f in sorted(set(files.values()))}
             extra = _hf_extra(hf_cfg, src, handles)
             used = set()
-            for tm in keymap.tensor_maps(cfg):
+            for tm in keymap.tensor_maps(cfg, hf_cfg["model_type"]):
                 parts = [_read_tensor(src, name, files, handles, shape)
                          for name, shape in zip(tm.hf, keymap.hf_shapes(tm, cfg))]
                 with torch.no_grad():
@@ -212,7 +212,7 @@ def mcore_to_hf(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in
-               keymap.mcore_to_hf_state_dict(sd, cfg).items()}
+               keymap.mcore_to_hf_state_dict(sd, cfg, model_type).items()}
     del sd
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

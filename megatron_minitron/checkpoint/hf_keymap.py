@@ -1,8 +1,11 @@
 """The only module that knows Hugging Face names: config.json <-> ModelConfig, and HF tensor
 names <-> megatron-core GPTModel names (local layer spec, TP=1/PP=1 full tensors).
 
-Supported families: llama (incl. Llama 3.1 rope_scaling), mistral, qwen2 (QKV bias). Their
-HF layouts are identical apart from config fields; the tensor maps below cover all three.
+Supported families: llama (incl. Llama 3.1 rope_scaling), mistral, qwen2 (QKV bias), qwen3
+(per-head q/k RMSNorm: megatron-core's qk_layernorm) and phi3 (fused qkv_proj and gate_up_proj,
+split into megatron's per-group QKV interleave on import and fused back on export).
+Refused by name (UNSUPPORTED_FAMILIES): Gemma 1/2/3, whose features megatron-core 0.16 cannot
+express with the local spec.
 RoPE: HF applies rotate_half to the two halves of each head, which is megatron-core's default
 rotary_interleaved=False, so q/k rows need no permutation.
 """
@@ -16,7 +19,24 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+_GEMMA = ("zero-centred (1+w) RMSNorm (TransformerConfig.layernorm_zero_centered_gamma exists "
+          "but the local spec's torch norm asserts it off; only Transformer Engine has it)",
+          "embedding scaling by sqrt(hidden_size) (no TransformerConfig field)")
+_GEMMA2 = _GEMMA + ("attention and final logit soft-capping (no TransformerConfig field)",
+                    "post-attention and post-feedforward norms (TransformerLayerSubmodules has "
+                    "no post-sublayer norm)")
+UNSUPPORTED_FAMILIES = {
+    "gemma": _GEMMA, "gemma2": _GEMMA2,
+    "gemma3": _GEMMA2[:2] + _GEMMA2[3:] + ("a second RoPE base for sliding-window layers "
+                                            "(rope_local_base_freq; GPTModel has one rotary "
+                                            "embedding)",),
+}
+"""HF families refused at import: the features megatron-core 0.16 (local spec) cannot express.
+What it can (GeGLU with a tanh gelu, sliding-window alternation via window_size and
+window_attn_skip_freq, query_pre_attn_scalar via softmax_scale, Gemma 3's qk_layernorm) does
+not make up for them."""
+UNSUPPORTED_FAMILIES["gemma3_text"] = UNSUPPORTED_FAMILIES["gemma3"]
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -50,6 +70,10 @@ def _rope(hf: Dict[str, Any], source: str) -> Tuple[float, Optional[RopeScaling]
 def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig for an HF config.json dict; ConfigError naming `source:field` otherwise."""
     model_type = hf.get("model_type")
+    if model_type in UNSUPPORTED_FAMILIES:
+        raise ConfigError(f"{source}:model_type", f"{model_type!r} needs "
+                          f"{'; '.join(UNSUPPORTED_FAMILIES[model_type])}, which megatron-core "
+                          "0.16 cannot express", f"convert one of {sorted(ARCHITECTURES)}")
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"{source}:model_type", f"{model_type!r} is not supported",
                           f"convert one of {sorted(ARCHITECTURES)}")
@@ -60,13 +84,22 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
     if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise ConfigError(f"{source}:attention_bias", "Llama linear biases are not supported",
                           "convert a model without attention_bias/mlp_bias")
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         raise ConfigError(f"{source}:use_sliding_window", "sliding-window attention is not "
-                          "supported", "convert a Qwen2 model with use_sliding_window=false")
+                          "supported", "convert a model with use_sliding_window=false")
+    if model_type == "qwen3" and hf.get("attention_bias"):
+        raise ConfigError(f"{source}:attention_bias", "Qwen3 attention biases are not supported",
+                          "convert a model with attention_bias=false")
+    rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                    hf.get("partial_rotary_factor", 1.0))
+    if float(rotary) != 1.0:
+        raise ConfigError(f"{source}:partial_rotary_factor", f"partial RoPE ({rotary}) is not "
+                          "supported", "convert a model that rotates the whole head")
     hidden, heads = _need(hf, "hidden_size", source), _need(hf, "num_attention_heads", source)
     theta, scaling = _rope(hf, source)
     max_pos = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window", 4096) if model_type == "mistral" else None
+    window = hf.get("sliding_window", 4096 if model_type == "mistral" else None) \
+        if model_type in WINDOWED else None
     if window:  # full causal attention equals Mistral's sliding window up to `window` tokens
         max_pos = min(max_pos, int(window))
     return ModelConfig(
@@ -87,14 +120,22 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
         rope_scaling=scaling,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         add_qkv_bias=model_type == "qwen2",
+        qk_layernorm=model_type == "qwen3",
     )
 
 
-KEPT_HF_FIELDS = {"mistral": ("sliding_window", "max_position_embeddings")}
+WINDOWED = ("mistral", "phi3")
+"""Families whose sliding_window import caps max_position_embeddings (full causal attention
+equals a sliding window up to `window` tokens) and export gives back."""
+KEPT_HF_FIELDS = {"mistral": ("sliding_window", "max_position_embeddings"),
+                  "phi3": ("sliding_window", "max_position_embeddings",
+                           "original_max_position_embeddings")}
 """config.json fields recorded at import (header extra["hf"]) and given back at export."""
 
 
 def default_model_type(cfg: ModelConfig) -> str:
+    if cfg.qk_layernorm:
+        return "qwen3"
     return "qwen2" if cfg.add_qkv_bias else "llama"
 
 
@@ -104,14 +145,18 @@ def hf_export_problem(cfg: ModelConfig, model_type: Optional[str] = None) -> Opt
     if model_type not in ARCHITECTURES:
         return f"model_type {model_type!r} is not one of {sorted(ARCHITECTURES)}"
     checks = [
-        (cfg.normalization != "RMSNorm", "HF Llama/Mistral/Qwen2 use RMSNorm"),
-        (not cfg.gated_linear_unit, "HF Llama/Mistral/Qwen2 use a gated (SwiGLU) MLP"),
+        (cfg.normalization != "RMSNorm", f"HF {sorted(ARCHITECTURES)} use RMSNorm"),
+        (not cfg.gated_linear_unit, f"HF {sorted(ARCHITECTURES)} use a gated (SwiGLU) MLP"),
         (cfg.activation not in ("silu", "gelu", "relu"), f"activation {cfg.activation!r}"),
-        (cfg.position_embedding_type != "rope", "HF Llama/Mistral/Qwen2 use RoPE"),
+        (cfg.position_embedding_type != "rope", f"HF {sorted(ARCHITECTURES)} use RoPE"),
         (cfg.rotary_percent != 1.0, "partial RoPE (rotary_percent != 1)"),
         (cfg.add_bias_linear, "biases on every linear layer (add_bias_linear)"),
         (cfg.add_qkv_bias and model_type != "qwen2", "QKV biases need model_type qwen2"),
         (not cfg.add_qkv_bias and model_type == "qwen2", "qwen2 always has QKV biases"),
+        (cfg.qk_layernorm and model_type != "qwen3", "q/k RMSNorm (qk_layernorm) needs "
+         "model_type qwen3"),
+        (not cfg.qk_layernorm and model_type == "qwen3", "qwen3 always has q/k RMSNorm "
+         "(qk_layernorm)"),
         (cfg.rope_scaling is not None and model_type != "llama", "rope_scaling needs llama"),
         (model_type == "llama" and cfg.hidden_size % cfg.num_attention_heads != 0,
          f"transformers' LlamaConfig rejects hidden_size {cfg.hidden_size} not divisible by "
@@ -158,7 +203,7 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str, dtype: str,
     }
     if model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
-    elif model_type == "mistral":
+    elif model_type in WINDOWED:
         window = (extra or {}).get("sliding_window")
         hf["sliding_window"] = window
         imported_max = (extra or {}).get("max_position_embeddings")
@@ -166,6 +211,14 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str, dtype: str,
             hf["max_position_embeddings"] = imported_max  # import capped it at the window
     else:
         hf.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "qwen3":
+        hf["attention_bias"] = False
+    if model_type == "phi3":
+        # Phi3Config's token ids default to 32000, past a small vocabulary (nn.Embedding's
+        # padding_idx then fails); ids recorded at import are written just below
+        hf.update({k: None for k in TOKEN_ID_FIELDS},
+                  original_max_position_embeddings=(extra or {}).get(
+                      "original_max_position_embeddings", hf["max_position_embeddings"]))
     for key in TOKEN_ID_FIELDS:
         if extra and extra.get(key) is not None:
             hf[key] = extra[key]
@@ -181,29 +234,42 @@ class TensorMap:
     hf: Tuple[str, ...]
     """HF names, in the order `kind` joins them."""
     kind: str
-    """"copy", "qkv" (per-group [q; k; v] interleave), "fc1" ([gate; up]) or "vocab" (rows
-    padded to padded_vocab_size)."""
+    """"copy", "qkv" (megatron's per-group [q; k; v] interleave from q, k, v, or from one
+    fused [q; k; v] tensor), "fc1" ([gate; up], from two tensors or one fused) or "vocab"
+    (rows padded to padded_vocab_size)."""
 
 
-def tensor_maps(cfg: ModelConfig) -> List[TensorMap]:
+def _attention_maps(cfg: ModelConfig, model_type: str, m: str, att: str) -> List[TensorMap]:
+    qkv = (att + "qkv_proj.weight",) if model_type == "phi3" else tuple(
+        f"{att}{p}_proj.weight" for p in "qkv")
+    maps = [TensorMap(m + "self_attention.linear_qkv.weight", qkv, "qkv"),
+            TensorMap(m + "self_attention.linear_proj.weight", (att + "o_proj.weight",), "copy")]
+    if cfg.add_qkv_bias:
+        maps.append(TensorMap(m + "self_attention.linear_qkv.bias",
+                              tuple(f"{att}{p}_proj.bias" for p in "qkv"), "qkv"))
+    if cfg.qk_layernorm:  # one [hn] weight shared by all heads, in HF and in megatron
+        maps += [TensorMap(m + "self_attention.q_layernorm.weight", (att + "q_norm.weight",),
+                           "copy"),
+                 TensorMap(m + "self_attention.k_layernorm.weight", (att + "k_norm.weight",),
+                           "copy")]
+    return maps
+
+
+def tensor_maps(cfg: ModelConfig, model_type: str = "llama") -> List[TensorMap]:
+    """The maps of `cfg` written as HF `model_type` (phi3 fuses qkv and gate/up)."""
     maps = [TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
     for i in range(cfg.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        att = h + "self_attn."
+        fc1 = (h + "mlp.gate_up_proj.weight",) if model_type == "phi3" else (
+            h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight")
         maps += [
             TensorMap(m + "input_layernorm.weight", (h + "input_layernorm.weight",), "copy"),
-            TensorMap(m + "self_attention.linear_qkv.weight",
-                      tuple(f"{att}{p}_proj.weight" for p in "qkv"), "qkv"),
-            TensorMap(m + "self_attention.linear_proj.weight", (att + "o_proj.weight",), "copy"),
+            *_attention_maps(cfg, model_type, m, h + "self_attn."),
             TensorMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",),
                       "copy"),
-            TensorMap(m + "mlp.linear_fc1.weight",
-                      (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1"),
+            TensorMap(m + "mlp.linear_fc1.weight", fc1, "fc1"),
             TensorMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy"),
         ]
-        if cfg.add_qkv_bias:
-            maps.append(TensorMap(m + "self_attention.linear_qkv.bias",
-                                  tuple(f"{att}{p}_proj.bias" for p in "qkv"), "qkv"))
     maps.append(TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"))
     if not cfg.share_embeddings_and_output_weights:
         maps.append(TensorMap("output_layer.weight", ("lm_head.weight",), "vocab"))
@@ -215,11 +281,14 @@ def hf_shapes(tm: TensorMap, cfg: ModelConfig) -> List[Tuple[int, ...]]:
     h, hn, nq, ng = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
     tail = (h,) if tm.mcore.endswith("weight") else ()
     if tm.kind == "qkv":
-        return [(nq * hn, *tail), (ng * hn, *tail), (ng * hn, *tail)]
+        parts = [(nq * hn, *tail), (ng * hn, *tail), (ng * hn, *tail)]
+        return parts if len(tm.hf) == 3 else [((nq + 2 * ng) * hn, *tail)]
     if tm.kind == "fc1":
-        return [(cfg.ffn_hidden_size, h)] * 2
+        return [(2 * cfg.ffn_hidden_size // len(tm.hf), h)] * len(tm.hf)
     if tm.kind == "vocab":
         return [(cfg.vocab_size, h)]
+    if tm.mcore.endswith(("q_layernorm.weight", "k_layernorm.weight")):
+        return [(hn,)]
     if "layernorm" in tm.mcore:
         return [(h,)]
     if tm.mcore.endswith("linear_proj.weight"):
@@ -231,13 +300,16 @@ def to_mcore(tm: TensorMap, tensors: Sequence[torch.Tensor], cfg: ModelConfig) -
     if tm.kind == "copy":
         return tensors[0]
     if tm.kind == "fc1":
-        return torch.cat(list(tensors), dim=0)  # [f, h] x 2 -> [2f, h]
+        return torch.cat(list(tensors), dim=0)  # [f, h] x 2 -> [2f, h]; fused [2f, h] as is
     if tm.kind == "vocab":
         rows = cfg.padded_vocab_size - cfg.vocab_size
         t = tensors[0]
         return torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) if rows else t
+    ng, hn = cfg.num_query_groups, cfg.kv_channels
+    if len(tensors) == 1:  # fused [q; k; v]: [(np+2ng)*hn, (h)] -> q, k, v
+        tensors = torch.split(tensors[0], [cfg.num_attention_heads * hn, ng * hn, ng * hn])
     q, k, v = tensors
-    ng, hn, tail = cfg.num_query_groups, cfg.kv_channels, q.shape[1:]
+    tail = q.shape[1:]
     # [np*hn, (h)] -> [ng, hpg*hn, (h)]; k, v: [ng*hn, (h)] -> [ng, hn, (h)]
     parts = [q.reshape(ng, -1, *tail), k.reshape(ng, hn, *tail), v.reshape(ng, hn, *tail)]
     return torch.cat(parts, dim=1).reshape(-1, *tail)  # [ng*(hpg+2)*hn, (h)]
@@ -247,25 +319,27 @@ def to_hf(tm: TensorMap, tensor: torch.Tensor, cfg: ModelConfig) -> List[torch.T
     if tm.kind == "copy":
         return [tensor]
     if tm.kind == "fc1":
-        return list(torch.chunk(tensor, 2, dim=0))
+        return list(torch.chunk(tensor, len(tm.hf), dim=0))  # [2f, h] -> gate, up (or fused)
     if tm.kind == "vocab":
         return [tensor[: cfg.vocab_size]]
     ng, hn, hpg, tail = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group, tensor.shape[1:]
     grouped = tensor.reshape(ng, (hpg + 2) * hn, *tail)  # [ng, (hpg+2)*hn, (h)]
     q, k, v = torch.split(grouped, [hpg * hn, hn, hn], dim=1)
-    return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
+    q, k, v = q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+    return [q, k, v] if len(tm.hf) == 3 else [torch.cat([q, k, v])]  # [(np+2ng)*hn, (h)]
 
 
-def hf_to_mcore_state_dict(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig
-                           ) -> Dict[str, torch.Tensor]:
+def hf_to_mcore_state_dict(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig,
+                           model_type: str = "llama") -> Dict[str, torch.Tensor]:
     """Full HF tensors -> full megatron tensors (for tests and small models)."""
-    return {tm.mcore: to_mcore(tm, [hf_sd[n] for n in tm.hf], cfg) for tm in tensor_maps(cfg)}
+    return {tm.mcore: to_mcore(tm, [hf_sd[n] for n in tm.hf], cfg)
+            for tm in tensor_maps(cfg, model_type)}
 
 
-def mcore_to_hf_state_dict(mcore_sd: Dict[str, torch.Tensor], cfg: ModelConfig
-                           ) -> Dict[str, torch.Tensor]:
+def mcore_to_hf_state_dict(mcore_sd: Dict[str, torch.Tensor], cfg: ModelConfig,
+                           model_type: str = "llama") -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
-    for tm in tensor_maps(cfg):
+    for tm in tensor_maps(cfg, model_type):
         out.update(zip(tm.hf, to_hf(tm, mcore_sd[tm.mcore], cfg)))
     return out
 

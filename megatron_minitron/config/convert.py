@@ -7,7 +7,7 @@ from megatron_minitron.config.errors import ConfigError
 
 DIRECTIONS = ("hf_to_mcore", "mcore_to_hf")
 DTYPES = ("bfloat16", "float16", "float32")
-MODEL_TYPES = ("auto", "llama", "mistral", "qwen2")
+MODEL_TYPES = ("auto", "llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 @dataclass
@@ -26,8 +26,9 @@ class ConvertConfig:
     None: the dtype the model was imported from Hugging Face in (its header records it), else
     float32, so a round trip is bit-exact. Import keeps fp32 masters."""
     model_type: str = "auto"
-    """HF family to export as: llama, mistral, qwen2, or "auto" (the family the checkpoint was
-    imported from, else qwen2 when it has QKV biases, else llama)."""
+    """HF family to export as: llama, mistral, qwen2, qwen3, phi3, or "auto" (the family the
+    checkpoint was imported from, else qwen3 when it has qk_layernorm, qwen2 when it has QKV
+    biases, else llama). Gemma is refused at import (README, model families)."""
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:

@@ -68,6 +68,9 @@ class ModelConfig:
     """Biases on every linear layer."""
     add_qkv_bias: bool = False
     """Biases on the QKV projection only (Qwen2)."""
+    qk_layernorm: bool = False
+    """Normalize each query and key head (`normalization` over kv_channels, one weight shared
+    by all heads) before RoPE (Qwen3's q_norm/k_norm)."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of new weights."""
     hidden_dropout: float = 0.0
@@ -130,6 +133,8 @@ class ModelConfig:
             attn += qkv_out
         if self.add_bias_linear:
             attn += h
+        if self.qk_layernorm:
+            attn += 2 * hn * (1 if self.normalization == "RMSNorm" else 2)
         fc1_out = 2 * f if self.gated_linear_unit else f
         mlp = h * fc1_out + f * h + ((fc1_out + h) if self.add_bias_linear else 0)
         norm = h if self.normalization == "RMSNorm" else 2 * h

@@ -40,6 +40,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: Ru
         activation_func=ACTIVATION_FUNCS[model.activation],
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -66,8 +67,9 @@ def layer_spec(model: ModelConfig, runtime: RuntimeConfig):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if resolve_transformer_impl(runtime) == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    spec = specs.get_gpt_layer_local_spec(normalization=model.normalization,
+                                          qk_layernorm=model.qk_layernorm)
     if resolve_attention_impl(runtime) == "sdpa":
         from megatron_minitron.models.attention import SDPAttention
 

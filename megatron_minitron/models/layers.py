@@ -27,6 +27,9 @@ HIDDEN_VECTORS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_lay
                   "mlp.linear_fc1.layer_norm_bias", "self_attention.linear_proj.bias",
                   "mlp.linear_fc2.bias")
 """A layer's tensors of shape [h]: they follow the kept hidden channels."""
+HEAD_DIM_VECTORS = ("self_attention.q_layernorm.weight", "self_attention.q_layernorm.bias",
+                    "self_attention.k_layernorm.weight", "self_attention.k_layernorm.bias")
+"""q/k norms (qk_layernorm): one [kv_channels] weight shared by every head and group."""
 FINAL_NORM_KEYS = ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias")
 HIDDEN_COLUMN_KEYS = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
                       "output_layer.weight")

@@ -4,6 +4,8 @@ linear_qkv rows are interleaved per query group g: [q_1 .. q_hpg, k, v], each kv
 rows, so group g owns rows g*(hpg+2)*hn .. (g+1)*(hpg+2)*hn. linear_fc1 rows of a gated MLP
 are [gate; up], each ffn_hidden_size rows. Norms fused into linear_qkv / linear_fc1 by the
 Transformer-Engine spec (layer_norm_weight/bias) are sliced like the separate norms.
+q/k norms (qk_layernorm) hold one [kv_channels] weight shared by every head and group, and
+kv_channels is never pruned, so they are kept whole whichever heads survive.
 """
 
 from pathlib import Path
@@ -13,8 +15,9 @@ import torch
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.prune import PruneConfig
-from megatron_minitron.models.layers import (FC1, FC2_WEIGHT, FINAL_NORM_KEYS, HIDDEN_COLUMN_KEYS,
-                                          HIDDEN_VECTORS, LAYER_KEY, PROJ_WEIGHT, QKV)
+from megatron_minitron.models.layers import (FC1, FC2_WEIGHT, FINAL_NORM_KEYS, HEAD_DIM_VECTORS,
+                                          HIDDEN_COLUMN_KEYS, HIDDEN_VECTORS, LAYER_KEY,
+                                          PROJ_WEIGHT, QKV)
 from megatron_minitron.pruning.depth import renumber
 from megatron_minitron.pruning.plan import PrunePlan, make_plan, resolve_target
 
@@ -52,6 +55,8 @@ def _slice_layer(rest: str, t, i: int, plan: PrunePlan):
         return t
     if rest in HIDDEN_VECTORS:
         return _take(t, hid, None)
+    if rest in HEAD_DIM_VECTORS:  # [hn], shared by all heads
+        return t.clone()
     if rest.startswith(QKV):
         rows = qkv_rows(plan.groups[i], plan.heads[i], src.heads_per_group, src.kv_channels)
         return _take(t, rows, hid if rest.endswith("weight") else None)
@@ -115,5 +120,8 @@ def prune_checkpoint(checkpoint: str, scores_path: Optional[str], cfg: PruneConf
     unwrap(pruned[0]).load_state_dict(state, strict=True)
     summary = {"source": dataclasses.asdict(src), "layers": plan.layers,
                "scores": None if scores is None else scores.header.model_config_hash}
+    extra = {"pruned_from": summary}
+    if "hf" in header.extra:  # the HF family (Phi-3's fused layout...) exports as imported
+        extra["hf"] = header.extra["hf"]
     return save(output, cfg.step, pruned, CheckpointHeader(
-        model=target, tokenizer=header.tokenizer, extra={"pruned_from": summary}), ctx=ctx)
+        model=target, tokenizer=header.tokenizer, extra=extra), ctx=ctx)

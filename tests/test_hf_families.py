@@ -1,0 +1,254 @@
+"""Qwen3 and Phi-3 beside Llama/Mistral/Qwen2: bit-exact HF round trips, logit parity with
+transformers at TP=1, TP=2 and PP=2, importance -> prune -> distill -> export for each family,
+and Gemma refused by the feature megatron-core 0.16 lacks. Random models, odd shapes, no hub."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_process import minitron
+from distributed import run_distributed
+from megatron_minitron.checkpoint import hf_keymap as keymap
+from megatron_minitron.checkpoint.hf import hf_to_mcore, mcore_to_hf
+from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.model import ModelConfig
+from test_hf_interop import ARCH_FIELDS, SEQ, TINY, VOCAB, _megatron_logits, _rel, _write_tokenizer
+
+FAMILIES = {
+    # q/k norm, tied embeddings, head_dim 24 != 56/4
+    "qwen3_tied": ("qwen3", dict(TINY, hidden_size=56, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+    # q/k norm, untied, 3 heads per group, head_dim 20 != 48/6
+    "qwen3_untied": ("qwen3", dict(TINY, hidden_size=48, num_attention_heads=6,
+                                   num_key_value_heads=2, head_dim=20,
+                                   tie_word_embeddings=False)),
+    # fused qkv_proj / gate_up_proj, head_dim 24 != 60/4, a sliding window the import caps
+    # max_position_embeddings at (and export gives back)
+    "phi3": ("phi3", dict(TINY, hidden_size=60, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=24, sliding_window=100, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)),
+}
+PRUNE = {  # heads / groups / ffn / hidden each shrink
+    "qwen3_tied": dict(num_attention_heads=2, ffn_hidden_size=64, hidden_size=40),
+    "qwen3_untied": dict(num_query_groups=1, num_attention_heads=2, ffn_hidden_size=48,
+                         hidden_size=32),
+    "phi3": dict(num_attention_heads=2, ffn_hidden_size=40, hidden_size=44),
+}
+GEMMA = {"gemma": "sqrt(hidden_size)", "gemma2": "soft-capping",
+         "gemma3_text": "post-attention and post-feedforward norms"}
+
+
+def _make_hf(name: str, folder: Path):
+    import transformers
+
+    model_type, fields = FAMILIES[name]
+    torch.manual_seed(sorted(FAMILIES).index(name) + 10)
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.normal_(0, 0.05)
+            if "norm" in pname:
+                p.add_(1.0)
+    model.save_pretrained(str(folder))
+    _write_tokenizer(folder, 250)
+    return model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """name -> (HF folder, our checkpoint, input ids, HF fp32 logits)."""
+    root = tmp_path_factory.mktemp("hf_families")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name in FAMILIES:
+        model = _make_hf(name, root / name)
+        with torch.no_grad():
+            logits = model(ids).logits
+        out[name] = (root / name, hf_to_mcore(str(root / name), str(root / f"{name}_mcore")),
+                     ids, logits)
+    return out
+
+
+def test_phi3_fused_qkv_and_gate_up_layout():
+    cfg = ModelConfig(hidden_size=8, num_attention_heads=6, num_query_groups=3, kv_channels=2,
+                      num_layers=1, ffn_hidden_size=4, vocab_size=5)
+    maps = {t.kind: t for t in keymap.tensor_maps(cfg, "phi3")}
+    qkv, fc1 = maps["qkv"], maps["fc1"]
+    assert qkv.hf == ("model.layers.0.self_attn.qkv_proj.weight",)
+    (shape,) = keymap.hf_shapes(qkv, cfg)
+    fused = torch.randn(shape)  # [q (12 rows); k (6); v (6)]
+    q, k, v = fused[:12], fused[12:18], fused[18:]
+    mc = keymap.to_mcore(qkv, [fused], cfg)
+    # megatron's group 1: q heads 2,3, then k head 1, then v head 1
+    assert torch.equal(mc[8:12], q[4:8]) and torch.equal(mc[12:14], k[2:4])
+    assert torch.equal(mc[14:16], v[2:4])
+    assert torch.equal(keymap.to_hf(qkv, mc, cfg)[0], fused)
+    # Phi3MLP chunks gate_up_proj into (gate, up): megatron's [gate; up] as it is
+    assert keymap.hf_shapes(fc1, cfg) == [(8, 8)]
+    gate_up = torch.randn(8, 8)
+    assert torch.equal(keymap.to_mcore(fc1, [gate_up], cfg), gate_up)
+    assert torch.equal(keymap.to_hf(fc1, gate_up, cfg)[0], gate_up)
+
+
+def test_qwen3_config_and_export_rules():
+    cfg = keymap.model_config_from_hf(dict(FAMILIES["qwen3_tied"][1], model_type="qwen3"))
+    assert cfg.qk_layernorm and not cfg.add_qkv_bias and cfg.kv_channels == 24
+    assert keymap.default_model_type(cfg) == "qwen3"
+    assert "qwen3" in keymap.hf_export_problem(cfg, "llama")
+    assert "q/k RMSNorm" in keymap.hf_export_problem(ModelConfig(), "qwen3")
+    with pytest.raises(ConfigError, match="attention_bias"):
+        keymap.model_config_from_hf(dict(FAMILIES["qwen3_tied"][1], model_type="qwen3",
+                                         attention_bias=True))
+    with pytest.raises(ConfigError, match="partial RoPE") as e:
+        keymap.model_config_from_hf(dict(FAMILIES["phi3"][1], model_type="phi3",
+                                         partial_rotary_factor=0.5))
+    assert e.value.field.endswith(":partial_rotary_factor")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_round_trip_bit_exact(converted, name, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, ckpt, _, _ = converted[name]
+    out = mcore_to_hf(str(ckpt), str(tmp_path / "hf"), dtype="float32")
+    before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    c0, c1 = (json.loads((d / "config.json").read_text()) for d in (hf_dir, out))
+    assert {k: c0.get(k) for k in ARCH_FIELDS} == {k: c1.get(k) for k in ARCH_FIELDS}
+    assert c0.get("sliding_window") == c1.get("sliding_window")
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == c0["architectures"][0]
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_parity_tp1(converted, name):
+    from megatron_minitron.runtime.distributed import teardown
+
+    _, ckpt, ids, hf_logits = converted[name]
+    try:
+        (logits,) = _megatron_logits(1, 1, [ckpt], ids)
+    finally:
+        teardown()
+    print(f"\n{name} TP=1 logits rel diff {_rel(logits, hf_logits):.2e}")
+    assert logits.shape == hf_logits.shape and _rel(logits, hf_logits) < 1e-4
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parity_tp2_pp2(converted, tp, pp):
+    """Every family's TP=1 checkpoint loads resharded in one set of processes per layout."""
+    names = list(FAMILIES)
+    per_rank = run_distributed(_megatron_logits, 2, tp, pp, [converted[n][1] for n in names],
+                               converted[names[0]][2])
+    for i, name in enumerate(names):
+        logits, hf_logits = per_rank[-1][i], converted[name][3]
+        print(f"\n{name} TP={tp} PP={pp} logits rel diff {_rel(logits, hf_logits):.2e}")
+        assert _rel(logits, hf_logits) < 1e-4, name
+        if tp > 1:
+            assert torch.equal(per_rank[0][i], logits), name
+
+
+@pytest.mark.parametrize("model_type,feature", list(GEMMA.items()))
+def test_gemma_is_refused_by_feature(tmp_path, model_type, feature):
+    import transformers
+
+    hf = transformers.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32,
+                                           num_hidden_layers=2).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="megatron-core 0.16 cannot express") as e:
+        hf_to_mcore(str(tmp_path), str(tmp_path / "out"))
+    assert e.value.field.endswith("config.json:model_type") and feature in str(e.value)
+
+
+def test_cli_refuses_gemma2_in_one_line(tmp_path):
+    import transformers
+
+    hf = transformers.AutoConfig.for_model("gemma2", vocab_size=64, hidden_size=32,
+                                           num_hidden_layers=2).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    proc = minitron("convert", "convert.direction=hf_to_mcore", f"convert.input={tmp_path}",
+                    f"convert.output={tmp_path / 'out'}")
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.startswith("minitron: error:")]
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and "soft-capping" in lines[0] and "config.json:model_type" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+# ---- importance -> prune -> distill -> export, per family ---------------------------------
+
+def _compress(root: str, jobs):
+    """Spawned, one process: for each (name, checkpoint, HF model_type): activation importance
+    on the demo corpus, prune to PRUNE[name], two distillation steps from the unpruned teacher,
+    HF export of the pruned and the distilled model, and our TP=1 logits of both."""
+    import os
+
+    from megatron_minitron.cli import distill, importance, prune
+    from megatron_minitron.runtime.distributed import teardown
+
+    port, out = int(os.environ["MASTER_PORT"]), {}
+    common = [f"data.cache_dir={root}/cache", "data.seq_length=16", "logger.backend=none",
+              "logger.progress_bar=false"]
+    for i, (name, ckpt, model_type, ids) in enumerate(jobs):
+        d = f"{root}/{name}"
+        os.environ["MASTER_PORT"] = str(port + 1 + 3 * i)
+        importance.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
+                                  "importance.num_samples=4", "importance.micro_batch_size=2",
+                                  f"importance.output={d}/scores.safetensors"])
+        os.environ["MASTER_PORT"] = str(port + 2 + 3 * i)
+        prune.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
+                             f"prune.scores={d}/scores.safetensors", f"prune.output={d}/pruned"]
+                   + [f"prune.target.{k}={v}" for k, v in PRUNE[name].items()])
+        os.environ["MASTER_PORT"] = str(port + 3 + 3 * i)
+        distill.main(common + [f"run.dir={d}/kd", f"checkpoint.load={d}/pruned",
+                               f"distill.teacher_checkpoint={ckpt}", "train.train_iters=2",
+                               "train.micro_batch_size=2", "train.global_batch_size=2",
+                               "train.eval_interval=0", "train.optimizer.lr_warmup_iters=0"])
+        pruned_hf = mcore_to_hf(f"{d}/pruned", f"{d}/pruned_hf", dtype="float32")
+        kd_hf = mcore_to_hf(f"{d}/kd/checkpoints", f"{d}/kd_hf", dtype="float32",
+                            model_type=model_type)  # the training header keeps no HF family
+        try:
+            logits = _megatron_logits(1, 1, [f"{d}/pruned", f"{d}/kd/checkpoints"], ids)
+        finally:
+            teardown()
+        out[name] = (str(pruned_hf), str(kd_hf), logits)
+    return out
+
+
+def test_each_family_prunes_distills_and_exports(converted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    jobs = [(n, str(converted[n][1]), FAMILIES[n][0], converted[n][2]) for n in FAMILIES]
+    (results,) = run_distributed(_compress, 1, str(tmp_path), jobs)
+    for name, (pruned_hf, kd_hf, ours) in results.items():
+        model_type, src = FAMILIES[name]
+        want = dict(src, **PRUNE[name])
+        ng = want.get("num_query_groups", src["num_key_value_heads"])
+        ids = converted[name][2]
+        for folder, logits in zip((pruned_hf, kd_hf), ours):
+            cfg = json.loads((Path(folder) / "config.json").read_text())
+            assert cfg["model_type"] == model_type, folder
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            sd = model.state_dict()
+            h, hn = want["hidden_size"], src["head_dim"]
+            nq, f = want["num_attention_heads"], want["ffn_hidden_size"]
+            att = "model.layers.0.self_attn."
+            if model_type == "phi3":  # fused projections sliced by head and by neuron
+                assert sd[att + "qkv_proj.weight"].shape == ((nq + 2 * ng) * hn, h)
+                assert sd["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * f, h)
+            else:  # q/k norms: one [head_dim] weight whichever heads survive
+                assert sd[att + "q_proj.weight"].shape == (nq * hn, h)
+                assert sd[att + "k_proj.weight"].shape == (ng * hn, h)
+                assert sd[att + "q_norm.weight"].shape == sd[att + "k_norm.weight"].shape == (hn,)
+                assert sd["model.layers.0.mlp.up_proj.weight"].shape == (f, h)
+            assert sd[att + "o_proj.weight"].shape == (h, nq * hn)
+            assert sd["model.embed_tokens.weight"].shape == (VOCAB, h)
+            with torch.no_grad():
+                hf_logits = model(ids).logits
+            print(f"\n{name} {Path(folder).name} logits rel diff {_rel(logits, hf_logits):.2e}")
+            assert _rel(logits, hf_logits) < 1e-4, folder
