@@ -36,6 +36,20 @@ PRUNE = {  # heads / groups / ffn / hidden each shrink
                          hidden_size=32),
     "phi3": dict(num_attention_heads=2, ffn_hidden_size=40, hidden_size=44),
 }
+PUBLISHED = {  # config.json fields of the released models (Qwen3-8B's model card: 36 layers,
+    # 32 / 8 heads, 8.2B parameters, 6.95B without embeddings; Phi-3-mini: 3.8B)
+    "qwen3_8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                     use_sliding_window=False),
+    "phi3_mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072,
+                      intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, max_position_embeddings=4096,
+                      original_max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False),
+}
+EXPERIMENTS = {"qwen3_8b_to_6b": ("qwen3_8b", 5.98e9), "phi3_mini_to_3b": ("phi3_mini", 2.93e9)}
 GEMMA = {"gemma": "sqrt(hidden_size)", "gemma2": "soft-capping",
          "gemma3_text": "post-attention and post-feedforward norms"}
 
@@ -54,6 +68,7 @@ def _make_hf(name: str, folder: Path):
                 p.add_(1.0)
     model.save_pretrained(str(folder))
     _write_tokenizer(folder, 250)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2"}))  # data's eod
     return model
 
 
@@ -178,6 +193,26 @@ def test_cli_refuses_gemma2_in_one_line(tmp_path):
     assert proc.returncode == 2, err
     assert len(lines) == 1 and "soft-capping" in lines[0] and "config.json:model_type" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_shipped_configs_are_what_import_makes_and_prune_to_their_size(experiment):
+    import dataclasses
+
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.pruning.plan import resolve_target
+
+    model, params = EXPERIMENTS[experiment]
+    cfg = load_config([f"experiment={experiment}"])
+    assert cfg.model == keymap.model_config_from_hf(PUBLISHED[model])
+    src = keymap.model_config_from_hf(PUBLISHED[model])
+    assert src.num_parameters() == pytest.approx(
+        {"qwen3_8b": 8.19e9, "phi3_mini": 3.82e9}[model], rel=1e-3)
+    target = resolve_target(src, cfg.prune)
+    assert target.num_parameters() == pytest.approx(params, rel=1e-3)
+    assert dataclasses.replace(target, hidden_size=src.hidden_size,
+                               ffn_hidden_size=src.ffn_hidden_size) == src
+    assert keymap.hf_export_problem(target, PUBLISHED[model]["model_type"]) is None
 
 
 # ---- importance -> prune -> distill -> export, per family ---------------------------------

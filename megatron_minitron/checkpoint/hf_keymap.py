@@ -19,24 +19,27 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
-_GEMMA = ("zero-centred (1+w) RMSNorm (TransformerConfig.layernorm_zero_centered_gamma exists "
-          "but the local spec's torch norm asserts it off; only Transformer Engine has it)",
-          "embedding scaling by sqrt(hidden_size) (no TransformerConfig field)")
-_GEMMA2 = _GEMMA + ("attention and final logit soft-capping (no TransformerConfig field)",
-                    "post-attention and post-feedforward norms (TransformerLayerSubmodules has "
-                    "no post-sublayer norm)")
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}
+_ZERO_CENTRED_NORM = ("zero-centred (1+w) RMSNorm (TransformerConfig."
+                      "layernorm_zero_centered_gamma exists but the local spec's torch norm "
+                      "asserts it off; only Transformer Engine has it)")
+_EMBEDDING_SCALE = "embedding scaling by sqrt(hidden_size) (no TransformerConfig field)"
+_SOFT_CAP = "attention and final logit soft-capping (no TransformerConfig field)"
+_POST_NORMS = ("post-attention and post-feedforward norms (TransformerLayerSubmodules has no "
+               "post-sublayer norm)")
+_LOCAL_ROPE = ("a second RoPE base for sliding-window layers (rope_local_base_freq; GPTModel has "
+               "one rotary embedding)")
+_GEMMA3 = (_ZERO_CENTRED_NORM, _EMBEDDING_SCALE, _POST_NORMS, _LOCAL_ROPE)
 UNSUPPORTED_FAMILIES = {
-    "gemma": _GEMMA, "gemma2": _GEMMA2,
-    "gemma3": _GEMMA2[:2] + _GEMMA2[3:] + ("a second RoPE base for sliding-window layers "
-                                            "(rope_local_base_freq; GPTModel has one rotary "
-                                            "embedding)",),
+    "gemma": (_ZERO_CENTRED_NORM, _EMBEDDING_SCALE),
+    "gemma2": (_ZERO_CENTRED_NORM, _EMBEDDING_SCALE, _SOFT_CAP, _POST_NORMS),
+    "gemma3": _GEMMA3, "gemma3_text": _GEMMA3,
 }
 """HF families refused at import: the features megatron-core 0.16 (local spec) cannot express.
 What it can (GeGLU with a tanh gelu, sliding-window alternation via window_size and
 window_attn_skip_freq, query_pre_attn_scalar via softmax_scale, Gemma 3's qk_layernorm) does
 not make up for them."""
-UNSUPPORTED_FAMILIES["gemma3_text"] = UNSUPPORTED_FAMILIES["gemma3"]
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
