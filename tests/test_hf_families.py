@@ -128,6 +128,8 @@ def test_round_trip_bit_exact(converted, name, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from megatron_minitron.checkpoint.dist import read_header
+
     hf_dir, ckpt, _, _ = converted[name]
     out = mcore_to_hf(str(ckpt), str(tmp_path / "hf"), dtype="float32")
     before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -139,6 +141,10 @@ def test_round_trip_bit_exact(converted, name, tmp_path):
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(model).__name__ == c0["architectures"][0]
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    cfg = read_header(str(ckpt)).model  # our count, q/k norms included, less the padded rows
+    pad = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters() - pad * (
+        1 if cfg.share_embeddings_and_output_weights else 2)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
