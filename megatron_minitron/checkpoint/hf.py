@@ -122,7 +122,8 @@ SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 def _hf_extra(hf_cfg: Dict[str, Any], hf_dir: Path, handles) -> Dict[str, Any]:
     """What export needs to give back the model it imported: ids, family, weight dtype, and
-    the config.json fields our model config does not hold (Mistral's and Phi-3's sliding window)."""
+    the config.json fields our model config does not hold (Mistral's and Phi-3's sliding
+    window)."""
     extra = {k: hf_cfg.get(k) for k in keymap.TOKEN_ID_FIELDS if hf_cfg.get(k) is not None}
     extra["model_type"] = hf_cfg["model_type"]
     dtypes = Counter(SAFETENSORS_DTYPES.get(h.get_slice(k).get_dtype())
