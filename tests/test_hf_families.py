@@ -251,8 +251,8 @@ def _compress(root: str, jobs):
                                "train.micro_batch_size=2", "train.global_batch_size=2",
                                "train.eval_interval=0", "train.optimizer.lr_warmup_iters=0"])
         pruned_hf = mcore_to_hf(f"{d}/pruned", f"{d}/pruned_hf", dtype="float32")
-        kd_hf = mcore_to_hf(f"{d}/kd/checkpoints", f"{d}/kd_hf", dtype="float32",
-                            model_type=model_type)  # the training header keeps no HF family
+        # no model_type: the pruned and the distilled headers carry the imported HF family
+        kd_hf = mcore_to_hf(f"{d}/kd/checkpoints", f"{d}/kd_hf", dtype="float32")
         try:
             logits = _megatron_logits(1, 1, [f"{d}/pruned", f"{d}/kd/checkpoints"], ids)
         finally:

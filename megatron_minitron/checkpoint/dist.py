@@ -57,6 +57,16 @@ class CheckpointHeader:
         return cls(model=ModelConfig(**m), **d)
 
 
+CARRIED_EXTRA = ("hf",)
+"""Header extras a checkpoint derived from another (pruned, trained, distilled) keeps: "hf",
+the Hugging Face family, token ids and dtype it was imported with, so that it exports as it
+was imported."""
+
+
+def carried_extra(header: CheckpointHeader) -> Dict[str, Any]:
+    return {k: header.extra[k] for k in CARRIED_EXTRA if k in header.extra}
+
+
 def step_dir(root: str, step: int) -> Path:
     return Path(root) / f"step_{step:07d}"
 

@@ -96,7 +96,8 @@ def prune_checkpoint(checkpoint: str, scores_path: Optional[str], cfg: PruneConf
     Validation (target, scores hash) happens before any weight is read."""
     import dataclasses
 
-    from megatron_minitron.checkpoint.dist import CheckpointHeader, load, read_header, save
+    from megatron_minitron.checkpoint.dist import (CheckpointHeader, carried_extra, load,
+                                                   read_header, save)
     from megatron_minitron.config.parallel import ParallelConfig
     from megatron_minitron.importance.scores import load_scores
     from megatron_minitron.models.builder import build_model, unwrap
@@ -120,8 +121,6 @@ def prune_checkpoint(checkpoint: str, scores_path: Optional[str], cfg: PruneConf
     unwrap(pruned[0]).load_state_dict(state, strict=True)
     summary = {"source": dataclasses.asdict(src), "layers": plan.layers,
                "scores": None if scores is None else scores.header.model_config_hash}
-    extra = {"pruned_from": summary}
-    if "hf" in header.extra:  # the HF family (Phi-3's fused layout...) exports as imported
-        extra["hf"] = header.extra["hf"]
+    extra = {"pruned_from": summary, **carried_extra(header)}
     return save(output, cfg.step, pruned, CheckpointHeader(
         model=target, tokenizer=header.tokenizer, extra=extra), ctx=ctx)

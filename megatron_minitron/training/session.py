@@ -70,8 +70,10 @@ def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
     initial checkpoint does not have), then DDP and the optimizer see every parameter (bf16
     main params are copied from loaded weights), then a resume restores all of it."""
     raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
+    carried = {}  # what the exported model needs to know of its HF origin (Phi-3's layout...)
     if start.init:
-        ckpt.load(start.init, raw, ctx=ctx, verify=cfg.checkpoint.verify)
+        carried = ckpt.carried_extra(ckpt.load(start.init, raw, ctx=ctx,
+                                               verify=cfg.checkpoint.verify))
     step = make_step(raw)
     chunks = wrap_ddp(raw)
     optimizer, scheduler = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
@@ -82,12 +84,13 @@ def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
                       field="checkpoint.save" if cfg.checkpoint.save else "run.dir",
                       verify=cfg.checkpoint.verify)
         state = LoopState(step=h.step, consumed_samples=h.consumed_samples)
+        carried = ckpt.carried_extra(h) or carried
     writer = MetricsWriter(cfg.run.dir, cfg.logger, ctx.rank == 0, config_dict,
                            resume_step=state.step)
 
     def make_header(s: LoopState) -> ckpt.CheckpointHeader:
         return ckpt.CheckpointHeader(model=cfg.model, tokenizer=tokenizer_info, step=s.step,
-                                     consumed_samples=s.consumed_samples)
+                                     consumed_samples=s.consumed_samples, extra=dict(carried))
 
     trainer = Trainer(cfg, ctx, chunks, step, optimizer, scheduler, data, writer,
                       make_header)
