@@ -208,3 +208,28 @@ def test_second_cache_writer_on_one_folder_is_refused(runs, tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=60)
+
+
+def _distill_without_teacher(run_dir, overrides):
+    """A cached distillation with the teacher's builder replaced by a failure: the checkpoints
+    it loads, and its metrics."""
+    import megatron_minitron.checkpoint.dist as ckpt
+    import megatron_minitron.distill.teacher as teacher
+
+    def refuse(*args, **kw):
+        raise AssertionError("a cached distillation built the teacher")
+
+    loaded, real_load = [], ckpt.load
+    teacher.build_teacher = refuse
+    ckpt.load = lambda path, *a, **kw: loaded.append(str(path)) or real_load(path, *a, **kw)
+    return loaded, _run("distill", run_dir, overrides)
+
+
+def test_cached_distillation_builds_and_loads_no_teacher(runs):
+    d = runs["d"]
+    student = str(d / "s0" / "checkpoints")
+    (loaded, metrics), = run_distributed(_distill_without_teacher, 1, str(d / "no_teacher"), [
+        "train.train_iters=2", f"checkpoint.load={student}", "runtime.seed=9",
+        f"distill.teacher_cache={runs['cache']}", f"distill.teacher_checkpoint={runs['teacher']}"])
+    assert len(metrics) == 2 and all(m["kd_loss"] == m["kd_loss"] for m in metrics)  # not NaN
+    assert loaded and all(runs["teacher"] not in p for p in loaded), loaded
