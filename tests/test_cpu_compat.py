@@ -67,3 +67,56 @@ def test_uninstall_restores_torch():
     assert torch.cuda.synchronize.__module__.startswith("torch")
     if was:
         cpu_compat.install()
+
+
+def test_moe_router_gemm_runs_without_transformer_engine():
+    # megatron binds moe_utils.te_general_gemm only when TE imports, yet its router reads it
+    # (NameError); install() binds None, which selects megatron's own torch.mm branch.
+    from megatron.core.transformer.moe import moe_utils
+
+    was = cpu_compat.is_installed()
+    cpu_compat.uninstall()
+    try:
+        if moe_utils.HAVE_TE:
+            pytest.skip("Transformer Engine is installed: megatron binds te_general_gemm")
+        assert not hasattr(moe_utils, "te_general_gemm")
+        x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+        with pytest.raises(NameError):
+            moe_utils.router_gating_linear(x, w, None, torch.float32)
+        cpu_compat.install()
+        out = moe_utils.router_gating_linear(x, w, None, torch.float32)
+        assert torch.allclose(out, x @ w.t())
+        out.sum().backward()
+        assert torch.allclose(w.grad, x.detach().sum(0).expand(5, 4))
+        cpu_compat.uninstall()
+        assert not hasattr(moe_utils, "te_general_gemm")
+    finally:
+        if was:
+            cpu_compat.install()
+
+
+class _AllocatesOnCudaInBackward(torch.autograd.Function):
+    """Like megatron's gather/reduce-scatter mappings: backward allocates on current_device."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty(grad.shape, dtype=grad.dtype, device=torch.cuda.current_device())
+        return out.copy_(grad * 2)
+
+
+@pytest.mark.parametrize("how", ["autograd", "tensor"])
+def test_custom_backward_allocating_on_cuda_runs_on_cpu(installed, how):
+    x = torch.ones(3, requires_grad=True)
+    y = _AllocatesOnCudaInBackward.apply(x)
+    if how == "autograd":
+        torch.autograd.backward(y, grad_tensors=torch.full((3,), 0.5), retain_graph=True)
+    else:
+        y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3) if how == "autograd" else torch.full((3,), 2.0))
+    z = torch.ones(2, requires_grad=True)
+    (gz,) = torch.autograd.grad((z * 3).sum(), z)  # grad() untouched by the backward path
+    assert torch.equal(gz, torch.full((2,), 3.0))

@@ -15,12 +15,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_minitron.checkpoint import hf_moe
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM"}
+                 "phi3": "Phi3ForCausalLM", **hf_moe.ARCHITECTURES}
 _ZERO_CENTRED_NORM = ("zero-centred (1+w) RMSNorm (TransformerConfig."
                       "layernorm_zero_centered_gamma exists but the local spec's torch norm "
                       "asserts it off; only Transformer Engine has it)")
@@ -80,6 +81,8 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"{source}:model_type", f"{model_type!r} is not supported",
                           f"convert one of {sorted(ARCHITECTURES)}")
+    if model_type in hf_moe.ARCHITECTURES:
+        return hf_moe.with_experts(model_config_from_hf(hf_moe.dense_view(hf), source), hf, source)
     act = hf.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise ConfigError(f"{source}:hidden_act", f"{act!r} is not supported",
@@ -127,16 +130,19 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
     )
 
 
-WINDOWED = ("mistral", "phi3")
+WINDOWED = ("mistral", "phi3", "mixtral")
 """Families whose sliding_window import caps max_position_embeddings (full causal attention
 equals a sliding window up to `window` tokens) and export gives back."""
 KEPT_HF_FIELDS = {"mistral": ("sliding_window", "max_position_embeddings"),
                   "phi3": ("sliding_window", "max_position_embeddings",
-                           "original_max_position_embeddings")}
+                           "original_max_position_embeddings"),
+                  **hf_moe.KEPT_HF_FIELDS}
 """config.json fields recorded at import (header extra["hf"]) and given back at export."""
 
 
 def default_model_type(cfg: ModelConfig) -> str:
+    if cfg.num_moe_experts is not None:
+        return hf_moe.default_model_type(cfg)
     if cfg.qk_layernorm:
         return "qwen3"
     return "qwen2" if cfg.add_qkv_bias else "llama"
@@ -147,6 +153,12 @@ def hf_export_problem(cfg: ModelConfig, model_type: Optional[str] = None) -> Opt
     model_type = model_type or default_model_type(cfg)
     if model_type not in ARCHITECTURES:
         return f"model_type {model_type!r} is not one of {sorted(ARCHITECTURES)}"
+    if cfg.num_moe_experts is not None or model_type in hf_moe.ARCHITECTURES:
+        problem = hf_moe.export_problem(cfg, model_type) if cfg.num_moe_experts else (
+            f"model_type {model_type!r} needs experts (model.num_moe_experts)")
+        if problem:
+            return problem
+        model_type = hf_moe.DENSE_FAMILY[model_type]
     checks = [
         (cfg.normalization != "RMSNorm", f"HF {sorted(ARCHITECTURES)} use RMSNorm"),
         (not cfg.gated_linear_unit, f"HF {sorted(ARCHITECTURES)} use a gated (SwiGLU) MLP"),
@@ -155,7 +167,8 @@ def hf_export_problem(cfg: ModelConfig, model_type: Optional[str] = None) -> Opt
         (cfg.rotary_percent != 1.0, "partial RoPE (rotary_percent != 1)"),
         (cfg.add_bias_linear, "biases on every linear layer (add_bias_linear)"),
         (cfg.add_qkv_bias and model_type != "qwen2", "QKV biases need model_type qwen2"),
-        (not cfg.add_qkv_bias and model_type == "qwen2", "qwen2 always has QKV biases"),
+        (not cfg.add_qkv_bias and model_type == "qwen2" and cfg.num_moe_experts is None,
+         "qwen2 always has QKV biases"),
         (cfg.qk_layernorm and model_type != "qwen3", "q/k RMSNorm (qk_layernorm) needs "
          "model_type qwen3"),
         (not cfg.qk_layernorm and model_type == "qwen3", "qwen3 always has q/k RMSNorm "
@@ -225,6 +238,10 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str, dtype: str,
     for key in TOKEN_ID_FIELDS:
         if extra and extra.get(key) is not None:
             hf[key] = extra[key]
+    if cfg.num_moe_experts is not None:
+        hf.update(hf_moe.hf_config_fields(cfg, model_type))
+        hf.update({k: (extra or {})[k] for k in KEPT_HF_FIELDS.get(model_type, ())
+                   if (extra or {}).get(k) is not None and k not in hf})
     return hf
 
 
@@ -240,6 +257,8 @@ class TensorMap:
     """"copy", "qkv" (megatron's per-group [q; k; v] interleave from q, k, v, or from one
     fused [q; k; v] tensor), "fc1" ([gate; up], from two tensors or one fused) or "vocab"
     (rows padded to padded_vocab_size)."""
+    shapes: Tuple[Tuple[int, ...], ...] = ()
+    """HF shapes, where `kind` and the name do not say them (MoE tensors); () otherwise."""
 
 
 def _attention_maps(cfg: ModelConfig, model_type: str, m: str, att: str) -> List[TensorMap]:
@@ -258,8 +277,10 @@ def _attention_maps(cfg: ModelConfig, model_type: str, m: str, att: str) -> List
     return maps
 
 
-def tensor_maps(cfg: ModelConfig, model_type: str = "llama") -> List[TensorMap]:
-    """The maps of `cfg` written as HF `model_type` (phi3 fuses qkv and gate/up)."""
+def tensor_maps(cfg: ModelConfig, model_type: Optional[str] = None) -> List[TensorMap]:
+    """The maps of `cfg` written as HF `model_type` (phi3 fuses qkv and gate/up; MoE families:
+    hf_moe's expert maps). None: default_model_type(cfg)."""
+    model_type = model_type or default_model_type(cfg)
     maps = [TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
     for i in range(cfg.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -270,9 +291,12 @@ def tensor_maps(cfg: ModelConfig, model_type: str = "llama") -> List[TensorMap]:
             *_attention_maps(cfg, model_type, m, h + "self_attn."),
             TensorMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",),
                       "copy"),
-            TensorMap(m + "mlp.linear_fc1.weight", fc1, "fc1"),
-            TensorMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy"),
         ]
+        if cfg.num_moe_experts is not None:
+            maps += [TensorMap(*row) for row in hf_moe.layer_maps(cfg, model_type, i)]
+        else:
+            maps += [TensorMap(m + "mlp.linear_fc1.weight", fc1, "fc1"),
+                     TensorMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy")]
     maps.append(TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"))
     if not cfg.share_embeddings_and_output_weights:
         maps.append(TensorMap("output_layer.weight", ("lm_head.weight",), "vocab"))
@@ -282,6 +306,8 @@ def tensor_maps(cfg: ModelConfig, model_type: str = "llama") -> List[TensorMap]:
 def hf_shapes(tm: TensorMap, cfg: ModelConfig) -> List[Tuple[int, ...]]:
     """Expected shapes of tm.hf, to name a mismatch before any reshape fails."""
     h, hn, nq, ng = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
+    if tm.shapes:
+        return list(tm.shapes)
     tail = (h,) if tm.mcore.endswith("weight") else ()
     if tm.kind == "qkv":
         parts = [(nq * hn, *tail), (ng * hn, *tail), (ng * hn, *tail)]
@@ -340,7 +366,7 @@ def hf_to_mcore_state_dict(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig,
 
 
 def mcore_to_hf_state_dict(mcore_sd: Dict[str, torch.Tensor], cfg: ModelConfig,
-                           model_type: str = "llama") -> Dict[str, torch.Tensor]:
+                           model_type: Optional[str] = None) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for tm in tensor_maps(cfg, model_type):
         out.update(zip(tm.hf, to_hf(tm, mcore_sd[tm.mcore], cfg)))

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.moe import check_moe, moe_mlp_parameters
 
 ACTIVATIONS = ("silu", "gelu", "relu", "squared_relu")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
@@ -77,6 +78,23 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    # Mixture of experts (megatron-core MoE; checked in config/moe.py)
+    num_moe_experts: Optional[int] = None
+    """Routed experts in every layer's MLP; None for a dense model."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each routed expert's MLP. None means ffn_hidden_size."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_router_pre_softmax: bool = False
+    """True: softmax over all experts, then the top-k probabilities as they are (Qwen-MoE with
+    norm_topk_prob=false). False: softmax over the top-k logits, i.e. the top-k of the full
+    softmax renormalised to sum to one (Mixtral; Qwen-MoE with norm_topk_prob=true)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert every token goes through (Qwen2-MoE); None for none."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(hidden @ gate) (Qwen2-MoE)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing (switch) auxiliary loss weight in training; routing is unchanged."""
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -112,6 +130,7 @@ class ModelConfig:
             raise ConfigError("model.position_embedding_type",
                               f"unknown {self.position_embedding_type!r}",
                               "use 'rope' or 'learned_absolute'")
+        check_moe(self)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -137,6 +156,8 @@ class ModelConfig:
             attn += 2 * hn * (1 if self.normalization == "RMSNorm" else 2)
         fc1_out = 2 * f if self.gated_linear_unit else f
         mlp = h * fc1_out + f * h + ((fc1_out + h) if self.add_bias_linear else 0)
+        if self.num_moe_experts is not None:
+            mlp = moe_mlp_parameters(self)
         norm = h if self.normalization == "RMSNorm" else 2 * h
         per_layer = attn + mlp + 2 * norm
         total = self.num_layers * per_layer + norm  # final norm

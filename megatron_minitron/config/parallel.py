@@ -23,9 +23,13 @@ class ParallelConfig:
     """Model chunks per pipeline stage (interleaved 1F1B); None for plain 1F1B."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallel (EP) size for MoE models: each rank holds num_moe_experts / EP experts.
+    The EP ranks are data-parallel ranks for the dense layers, so EP divides world / (TP x PP)."""
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}", "must be >= 1", "use a positive integer")
         vpp = self.virtual_pipeline_model_parallel_size
@@ -56,7 +60,14 @@ class ParallelConfig:
                 f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size}",
                 "launch a multiple of TP*PP processes or change TP/PP",
             )
-        return world_size // self.model_parallel_size
+        dp = world_size // self.model_parallel_size
+        if dp % self.expert_model_parallel_size:
+            raise ConfigError(
+                "parallel.expert_model_parallel_size",
+                f"EP {self.expert_model_parallel_size} does not divide the data-parallel size "
+                f"{dp} (world {world_size} / TP x PP)",
+                "launch EP x TP x PP processes (or a multiple) or lower EP")
+        return dp
 
 
 @dataclass

@@ -10,6 +10,8 @@ DEPTH_MODES = ("score", "block", "list")
 DEPTH_METRICS = ("loss", "cosine")
 AXES = ("num_query_groups", "num_attention_heads", "hidden_size", "ffn_hidden_size", "num_layers")
 """Target axes in dependency order: validity of each may depend on the ones before it."""
+MOE_AXES = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+"""Mixture-of-experts target axes (pruning/experts.py)."""
 
 
 @dataclass
@@ -28,9 +30,16 @@ class PruneTarget:
     num_attention_heads / heads_per_group in "groups" mode."""
     num_layers: Optional[int] = None
     """Transformer layers to keep."""
+    num_moe_experts: Optional[int] = None
+    """Routed experts to keep in every MoE layer (ranked per layer by moe.experts); the
+    router's rows and the experts' weights are sliced together."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Neurons to keep in every routed expert (ranked per expert by moe.neurons)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Neurons to keep in every shared expert (ranked per layer by moe.shared_neurons)."""
 
     def __post_init__(self):
-        for name in AXES:
+        for name in AXES + MOE_AXES:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"prune.target.{name}", f"must be >= 1, got {v}",

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.footprint import DTYPE_BYTES
 from megatron_minitron.config.prune import AXES, DEPTH_MODES, PruneTarget
 
 SEARCH_DEPTH_MODES = ("score", "block")
@@ -66,6 +67,20 @@ class SearchConfig:
     prune.param_budget, with or without embeddings per prune.budget_include_embeddings."""
     tolerance: float = 0.05
     """Keep candidates whose count lies within param_budget x (1 +- tolerance)."""
+    active_param_budget: Optional[int] = None
+    """Also a ceiling on the parameters one token uses (config.moe.num_active_parameters:
+    a mixture of experts counts its moe_router_topk experts per layer; a dense model all its
+    parameters), with or without embeddings per prune.budget_include_embeddings. None: none."""
+    memory_budget_gib: Optional[float] = None
+    """Also a ceiling on inference memory in GiB: every weight and the KV cache, both at
+    memory_dtype, for memory_batch_size sequences of memory_context_length tokens
+    (config.footprint.inference_memory_bytes). None: none."""
+    memory_dtype: str = "bfloat16"
+    """Weight and KV-cache dtype of memory_budget_gib: float32, bfloat16, float16 or fp8."""
+    memory_context_length: int = 4096
+    """Tokens per sequence in the KV cache of memory_budget_gib."""
+    memory_batch_size: int = 1
+    """Sequences held at once in the KV cache of memory_budget_gib."""
     axes: List[str] = field(default_factory=lambda: list(AXES))
     """Axes the search may shrink; the others keep the source's size."""
     hidden_size: AxisRange = field(default_factory=AxisRange)
@@ -118,6 +133,17 @@ class SearchConfig:
                               "use a fraction such as 0.05")
         if self.param_budget is not None and self.param_budget < 1:
             raise ConfigError("search.param_budget", "must be >= 1", "use a positive count")
+        if self.active_param_budget is not None and self.active_param_budget < 1:
+            raise ConfigError("search.active_param_budget", "must be >= 1",
+                              "use a positive count or null")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ConfigError("search.memory_budget_gib", "must be > 0", "use GiB or null")
+        if self.memory_dtype not in DTYPE_BYTES:
+            raise ConfigError("search.memory_dtype", f"unknown {self.memory_dtype!r}",
+                              f"use one of {sorted(DTYPE_BYTES)}")
+        for name in ("memory_context_length", "memory_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"search.{name}", "must be >= 1", "use a positive integer")
         if self.depth_mode not in SEARCH_DEPTH_MODES:
             raise ConfigError("search.depth_mode", f"unknown {self.depth_mode!r}",
                               f"use one of {SEARCH_DEPTH_MODES}")

@@ -4,7 +4,8 @@ Where each score is read, in megatron-core module names:
   MLP neurons      input of mlp.linear_fc2 (after the activation / GLU), per channel;
   attention heads  input of self_attention.linear_proj, L2 over kv_channels per head
                    (importance.head_score=projected: L2 of the head's linear_proj output);
-  channels         output of input_layernorm, pre_mlp_layernorm and decoder.final_layernorm.
+  channels         output of input_layernorm, pre_mlp_layernorm and decoder.final_layernorm;
+  experts          MoE layers' experts and shared expert: importance/experts.py.
 With the Transformer-Engine spec the two per-layer norms are fused into linear_qkv / linear_fc1
 (TELayerNormColumnParallelLinear, input_layernorm is an IdentityOp) and their output is never
 materialised; we then hook the fused linear's input and recompute the normalised activation
@@ -20,7 +21,6 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance.aggregation import (Stats, TokenMask, accumulate, head_norms,
                                                       projected_head_norms, reduce_sequence)
@@ -99,13 +99,13 @@ class WidthHooks(HookSet):
         L = self.model.num_layers
         for layer in layers(self.chunks):
             i = layer.number - 1
-            if not layer.is_dense:
-                raise ConfigError("model", f"layer {i + 1} has no dense MLP (mixture of experts?)",
-                                  "importance supports dense GPT layers only")
-            self._pre(layer.linear_fc2, lambda x, i=i: self._neurons(i, x))
             proj = layer.linear_proj
             self._pre(proj, lambda x, i=i, p=proj: self._heads(i, x, p))
             self._norm_site(layer.input_layernorm, layer.linear_qkv, 2 * i)
+            if not layer.is_dense:  # mixture of experts: importance/experts.py
+                self._norm_site(layer.pre_mlp_layernorm, layer.pre_mlp_layernorm, 2 * i + 1)
+                continue
+            self._pre(layer.linear_fc2, lambda x, i=i: self._neurons(i, x))
             self._norm_site(layer.pre_mlp_layernorm, layer.linear_fc1, 2 * i + 1)
         for norm in final_norms(self.chunks):
             self._norm_site(norm, norm, 2 * L)

@@ -18,6 +18,8 @@ from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.importance import aggregation as agg
 from megatron_minitron.importance.baselines import magnitude_scores, random_scores
 from megatron_minitron.importance.depth import CosineHooks, blocks, skip_layers
+from megatron_minitron.importance.experts import (ExpertHooks, check_source, expert_scores,
+                                                   new_expert_stats)
 from megatron_minitron.importance.hooks import WidthHooks
 from megatron_minitron.importance.scores import Scores, ScoresHeader, model_config_hash
 from megatron_minitron.models.forward import Batch, MakeBatches, forward_pass
@@ -67,6 +69,7 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
     for c in chunks:
         c.eval()
     stats, mask = agg.new_stats(model, ctx.device), agg.TokenMask()
+    stats.update(new_expert_stats(model, ctx.device) if cfg.width else {})
     sizes = sorted(set(k for k in cfg.block_sizes if k <= model.num_layers))
     depth_passes = ((model.num_layers if cfg.depth_loss else 0) +
                     sum(len(blocks(model.num_layers, k)) for k in sizes))
@@ -79,6 +82,8 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
             if cfg.width:
                 hooks.enter_context(WidthHooks(chunks, model, stats, cfg.seq_aggregation,
                                                ctx.tp_rank, ctx.tp_size, mask, cfg.head_score))
+                hooks.enter_context(ExpertHooks(chunks, stats, cfg.seq_aggregation,
+                                                ctx.tp_rank, ctx.tp_size, mask))
             if cfg.depth_cosine:
                 hooks.enter_context(CosineHooks(chunks, stats, ctx.tp_rank, mask))
             base = calibration_pass(chunks, make_batches, ctx, stats,
@@ -94,6 +99,7 @@ def compute_importance(chunks: List[torch.nn.Module], model: ModelConfig, cfg: I
 
     if cfg.width:
         tensors.update(agg.width_scores(stats, model, cfg.sample_aggregation))
+        tensors.update(expert_scores(stats, cfg.sample_aggregation))
     if cfg.depth_cosine:
         tensors["layers.cosine"] = agg.cosine_scores(stats)
     header = ScoresHeader(
@@ -135,6 +141,7 @@ def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: Optio
     from megatron_minitron.models.builder import build_model
 
     model = read_header(checkpoint).model
+    check_source(model, cfg.source)
     if cfg.source == "random":
         scores = random_scores(model, cfg, runtime.seed, ctx)
     else:

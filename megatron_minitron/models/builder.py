@@ -5,8 +5,10 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
+from megatron_minitron.models.moe import moe_layer_spec, moe_transformer_kwargs
 from megatron_minitron.runtime.device import (resolve_attention_impl, resolve_precision,
                                               resolve_transformer_impl)
 
@@ -60,6 +62,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: Ru
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=device_type == "cuda",
+        **moe_transformer_kwargs(model, parallel),
     )
 
 
@@ -67,9 +70,14 @@ def layer_spec(model: ModelConfig, runtime: RuntimeConfig):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if resolve_transformer_impl(runtime) == "transformer_engine":
+        if model.num_moe_experts is not None:
+            raise ConfigError("runtime.transformer_impl", "MoE models run on the local "
+                              "layer spec only (SequentialMLP experts)",
+                              "set runtime.transformer_impl=local")
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    spec = specs.get_gpt_layer_local_spec(normalization=model.normalization,
-                                          qk_layernorm=model.qk_layernorm)
+    spec = (moe_layer_spec(model) if model.num_moe_experts is not None
+            else specs.get_gpt_layer_local_spec(normalization=model.normalization,
+                                                qk_layernorm=model.qk_layernorm))
     if resolve_attention_impl(runtime) == "sdpa":
         from megatron_minitron.models.attention import SDPAttention
 

@@ -18,6 +18,7 @@ from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.prune import AXES, PruneConfig, PruneTarget
 from megatron_minitron.config.search import AxisRange, ExtraCandidate, SearchConfig
 from megatron_minitron.pruning.budget import count
+from megatron_minitron.pruning.limits import limit_problem
 from megatron_minitron.pruning.plan import axis_problem, resolve_target
 
 KINDS = ("depth", "width", "mixed")
@@ -74,7 +75,8 @@ def kind_of(sizes: Dict[str, int], src: ModelConfig) -> str:
 
 def all_candidates(src: ModelConfig, budget: int, search: SearchConfig, prune: PruneConfig
                    ) -> List[Candidate]:
-    """Every valid grid point within budget x (1 +- tolerance), in grid order."""
+    """Every valid grid point within budget x (1 +- tolerance) and under the active-parameter
+    and memory ceilings (pruning/limits.py), in grid order."""
     grids = {a: axis_values(a, src, getattr(search, a), a in search.axes) for a in AXES}
     lo, hi = budget * (1 - search.tolerance), budget * (1 + search.tolerance)
     found: List[Candidate] = []
@@ -82,7 +84,8 @@ def all_candidates(src: ModelConfig, budget: int, search: SearchConfig, prune: P
     def walk(i: int, sizes: Dict[str, int]) -> None:
         if i == len(AXES):
             n = count(src, sizes, prune.budget_include_embeddings)
-            if lo <= n <= hi:
+            if lo <= n <= hi and limit_problem(src, sizes, search,
+                                               prune.budget_include_embeddings) is None:
                 found.append(Candidate(candidate_name(sizes), dict(sizes), n,
                                        kind_of(sizes, src), search.depth_mode))
             return
@@ -139,8 +142,11 @@ def search_candidates(src: ModelConfig, budget: int, search: SearchConfig, prune
     chosen = spread(all_candidates(src, budget, search, prune), src, budget,
                     search.max_candidates)
     if not chosen and not search.extra_candidates:
+        ceilings = [n for n in ("active_param_budget", "memory_budget_gib")
+                    if getattr(search, n) is not None]
+        under = f" under search.{' and search.'.join(ceilings)}" if ceilings else ""
         raise ConfigError("search.tolerance", f"no candidate within {search.tolerance:.0%} of "
-                          f"{budget} parameters on the grid of {search.axes}",
+                          f"{budget} parameters{under} on the grid of {search.axes}",
                           "widen search.tolerance, lower min_fraction or step of an axis, or "
                           "add axes")
     chosen += [extra_candidate(src, e, prune) for e in search.extra_candidates]

@@ -19,6 +19,7 @@ from megatron_minitron.config.prune import AXES, PruneConfig
 from megatron_minitron.importance.scores import Scores
 from megatron_minitron.pruning.budget import resolve_budget
 from megatron_minitron.pruning.depth import select_layers
+from megatron_minitron.pruning.experts import moe_plan, moe_target_sizes
 
 
 
@@ -39,6 +40,12 @@ class PrunePlan:
     # [nq'] each"""
     layers: List[int]
     """Kept source layer numbers (1-based, sorted); new layer i is source layers[i]."""
+    experts: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    """MoE: kept routed experts of each source layer, sorted. # [E'] each"""
+    moe_ffn: List[List[torch.Tensor]] = dataclasses.field(default_factory=list)
+    """MoE: kept neurons of each kept expert of each source layer. # [f'] each"""
+    shared_ffn: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    """MoE: kept shared-expert neurons of each source layer. # [fs'] each"""
 
 
 def axis_problem(name: str, v: int, sizes: Dict[str, int], src: ModelConfig,
@@ -118,7 +125,8 @@ def resolve_target(src: ModelConfig, cfg: PruneConfig) -> ModelConfig:
         if sizes[name] is None:
             sizes[name] = getattr(src, name)
         check_axis(name, sizes, src, cfg)
-    target = dataclasses.replace(src, kv_channels=src.kv_channels, **sizes)
+    target = dataclasses.replace(src, kv_channels=src.kv_channels, **sizes,
+                                 **moe_target_sizes(src, cfg, sizes))
     problem = hf_export_problem(target)  # transformers 5.x refuses e.g. hidden % heads != 0
     if problem is not None:
         if cfg.require_hf_export:
@@ -165,4 +173,5 @@ def make_plan(src: ModelConfig, target: ModelConfig, scores: Optional[Scores],
         heads.append(torch.cat([g_ * hpg + top(per_group[g_], hpg_new) for g_ in
                                 kept_groups.tolist()]))
     layers = select_layers(src, target.num_layers, scores, cfg)
-    return PrunePlan(src, target, hidden, ffn, groups, heads, layers)
+    return PrunePlan(src, target, hidden, ffn, groups, heads, layers,
+                     *moe_plan(src, target, scores, top))

@@ -17,8 +17,9 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.prune import PruneConfig
 from megatron_minitron.models.layers import (FC1, FC2_WEIGHT, FINAL_NORM_KEYS, HEAD_DIM_VECTORS,
                                           HIDDEN_COLUMN_KEYS, HIDDEN_VECTORS, LAYER_KEY,
-                                          PROJ_WEIGHT, QKV)
+                                          PROJ_WEIGHT, QKV, layer_key)
 from megatron_minitron.pruning.depth import renumber
+from megatron_minitron.pruning.experts import is_moe_key, moe_slice
 from megatron_minitron.pruning.plan import PrunePlan, make_plan, resolve_target
 
 
@@ -77,8 +78,14 @@ def slice_state_dict(state: Dict[str, torch.Tensor], plan: PrunePlan) -> Dict[st
     for key, t in state.items():
         m = LAYER_KEY.match(key)
         if m is not None:
-            if int(m.group(1)) in kept:
-                out[key] = _slice_layer(m.group(2), t, int(m.group(1)), plan)
+            i, rest = int(m.group(1)), m.group(2)
+            if i in kept and is_moe_key(rest):
+                how = moe_slice(rest, i, plan, fc1_rows)
+                if how is not None:  # None: a removed expert's tensor
+                    out[layer_key(i, how[0])] = (
+                        _take(t, how[1], how[2]) if torch.is_tensor(t) else t)  # _extra_state
+            elif i in kept:
+                out[key] = _slice_layer(rest, t, i, plan)
         elif key.endswith("_extra_state"):
             out[key] = t
         elif key in FINAL_NORM_KEYS:

@@ -7,7 +7,14 @@ megatron-core 0.16 hard-codes CUDA in a handful of places that matter for us:
   * the CUDA RNG tracker (``torch.cuda.get_rng_state``/``manual_seed`` and megatron's own
     ``_get_cuda_rng_state``/``_set_cuda_rng_state``), which the tensor parallel dropout forks;
   * ``torch.cuda.synchronize``, ``current_device``, ``device_count``, streams and events;
-  * ``param.type() == 'torch.cuda.FloatTensor'`` asserts in the optimizer and grad clipping.
+  * ``param.type() == 'torch.cuda.FloatTensor'`` asserts in the optimizer and grad clipping;
+  * backward passes: torch >= 2.10 dispatches ``torch.autograd.backward`` itself to the mode, and
+    a mode is switched off while it handles a call, so custom autograd Functions' backward()
+    (megatron's MoE token gather / reduce-scatter allocate on ``torch.cuda.current_device()``)
+    would run unmapped: the mode runs the backward pass itself, with itself active;
+  * names megatron's MoE code reads but defines only when Transformer Engine imports (the MoE
+    router's ``te_general_gemm``: its pure-PyTorch branch tests it for None, and without TE it
+    raises NameError instead).
 
 ``install()`` maps every one of those onto the CPU: a ``TorchFunctionMode`` rewrites CUDA device
 arguments to CPU, and a short list of attribute patches covers the rest. The CUDA "RNG state" is
@@ -25,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 _CPU = torch.device("cpu")
 _installed: List[Tuple[Any, str, Any]] = []
 _mode: "CudaToCpuMode | None" = None
+_ABSENT = object()
 
 
 def _is_cuda(device: Any) -> bool:
@@ -41,6 +49,9 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            with self:  # the custom Functions' backward() inside it: CUDA devices mapped too
+                return _backward(func, args, kwargs)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = _CPU
         name = getattr(func, "__name__", "")
@@ -54,6 +65,28 @@ class CudaToCpuMode(TorchFunctionMode):
             # megatron's optimizer asserts param.type() == 'torch.cuda.FloatTensor'.
             return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
+
+
+def _backward(func: Callable, args, kwargs) -> None:
+    """torch.autograd.backward's own body (torch 2.13), without its torch-function dispatch
+    (which would hand the call straight back to the mode and switch the mode off)."""
+    import inspect
+
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    a = inspect.signature(func).bind(*args, **kwargs).arguments
+    tensors = a.get("tensors", a.get("self"))
+    grads = a.get("grad_tensors", a.get("gradient"))
+    create_graph = bool(a.get("create_graph", False))
+    retain_graph = a.get("retain_graph")
+    inputs = a.get("inputs")
+    tensors = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+    inputs = () if inputs is None else (inputs,) if torch.is_tensor(inputs) else tuple(inputs)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)),
+                        is_grads_batched=False)
+    _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
+                         create_graph, inputs, allow_unreachable=True, accumulate_grad=True)
 
 
 class _NullStream:
@@ -107,6 +140,13 @@ def _patches() -> Dict[Tuple[Any, str], Any]:
     }
 
 
+def _undefined_without_te() -> List[Tuple[Any, str]]:
+    """(module, name) pairs megatron-core reads but binds only inside its TE import block."""
+    from megatron.core.transformer.moe import moe_utils
+
+    return [(moe_utils, "te_general_gemm")]
+
+
 def _tracker_add(self, name: str, seed: int) -> None:
     """CudaRNGStatesTracker.add on CPU: seed a state without disturbing the default one."""
     if seed in self.seeds_:
@@ -136,6 +176,10 @@ def install() -> None:
     for (owner, attr), new in patches.items():
         _installed.append((owner, attr, getattr(owner, attr, None)))
         setattr(owner, attr, new)
+    for owner, attr in _undefined_without_te():
+        if not hasattr(owner, attr):  # None selects megatron's own torch.mm branch
+            _installed.append((owner, attr, _ABSENT))
+            setattr(owner, attr, None)
     _mode = CudaToCpuMode()
     _mode.__enter__()
 
@@ -149,4 +193,7 @@ def uninstall() -> None:
     _mode = None
     while _installed:
         owner, attr, old = _installed.pop()
-        setattr(owner, attr, old)
+        if old is _ABSENT:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, old)

@@ -33,6 +33,10 @@ class ParallelContext:
     dp_group: object
     dp_cp_group: object
     mp_group: object
+    ep_size: int = 1
+    """Expert parallel size (MoE): experts are split over the EP group."""
+    ep_rank: int = 0
+    ep_group: object = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -84,6 +88,7 @@ def initialize(parallel: ParallelConfig, runtime: RuntimeConfig) -> ParallelCont
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
         )
     set_seed(runtime.seed)
     if runtime.deterministic:
@@ -146,6 +151,9 @@ def current_context(device: Optional[torch.device] = None) -> ParallelContext:
         dp_group=ps.get_data_parallel_group(),
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         mp_group=ps.get_model_parallel_group(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_group=ps.get_expert_model_parallel_group(),
     )
 
 
