@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hf_fixtures import convert_all
 import torch
 
 from cli_process import minitron
@@ -75,16 +76,7 @@ def _make_hf(name: str, folder: Path):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """name -> (HF folder, our checkpoint, input ids, HF fp32 logits)."""
-    root = tmp_path_factory.mktemp("hf_families")
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
-    out = {}
-    for name in FAMILIES:
-        model = _make_hf(name, root / name)
-        with torch.no_grad():
-            logits = model(ids).logits
-        out[name] = (root / name, hf_to_mcore(str(root / name), str(root / f"{name}_mcore")),
-                     ids, logits)
-    return out
+    return convert_all(tmp_path_factory.mktemp("hf_families"), FAMILIES, _make_hf, VOCAB, SEQ, 1)
 
 
 def test_phi3_fused_qkv_and_gate_up_layout():

@@ -5,11 +5,12 @@ by name."""
 import json
 
 import pytest
+from hf_fixtures import convert_all
 import torch
 
 from distributed import run_distributed
 from megatron_minitron.checkpoint import hf_keymap as keymap
-from megatron_minitron.checkpoint.hf import hf_to_mcore, mcore_to_hf
+from megatron_minitron.checkpoint.hf import mcore_to_hf
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 
@@ -55,16 +56,7 @@ def _make_hf(name: str, folder):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """name -> (HF folder, our checkpoint, input ids, HF fp32 logits)."""
-    root = tmp_path_factory.mktemp("moe_interop")
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    out = {}
-    for name in FAMILIES:
-        model = _make_hf(name, root / name)
-        with torch.no_grad():
-            logits = model(ids).logits
-        out[name] = (root / name, hf_to_mcore(str(root / name), str(root / f"{name}_mcore")),
-                     ids, logits)
-    return out
+    return convert_all(tmp_path_factory.mktemp("moe_interop"), FAMILIES, _make_hf, VOCAB, SEQ, 0)
 
 
 def _forward_logits(tp: int, pp: int, ep: int, ckpts, ids):
