@@ -188,6 +188,27 @@ def flops_per_token(model, seq: int, training: bool) -> float:
     return 3 * forward if training else forward
 
 
+def bench_trainer(cfg, ctx, model, checkpoint, make_step):
+    """A Trainer around one step object for timing: the model (loaded from `checkpoint` if
+    given), DDP and the optimizer; no data source, metrics kept nowhere."""
+    from megatron_minitron.checkpoint import dist as ckpt
+    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.training.loop import Trainer
+    from megatron_minitron.training.metrics import MetricsWriter
+    from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
+                                                      wrap_ddp)
+
+    raw = build_model(model, cfg.parallel, cfg.runtime, ctx.device)
+    if checkpoint:
+        ckpt.load(checkpoint, raw, ctx=ctx)
+    step = make_step(raw)
+    chunks = wrap_ddp(raw)
+    opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
+    attach_schedule_hooks(chunks, opt)
+    return Trainer(cfg, ctx, chunks, step, opt, sched, None,
+                   MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+
+
 def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool,
                teacher_ckpt: str = None, student_ckpt: str = None, peak_tflops: float = None,
                json_out: str = None) -> None:
@@ -200,10 +221,6 @@ def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool,
     from megatron_minitron.models.builder import build_model
     from megatron_minitron.runtime.distributed import initialize, teardown
     from megatron_minitron.training.lm_step import LMStep
-    from megatron_minitron.training.loop import Trainer
-    from megatron_minitron.training.metrics import MetricsWriter
-    from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
-                                                      wrap_ddp)
 
     over = ["model=llama_10m", f"data.seq_length={seq}", f"train.micro_batch_size={mbs}",
             f"train.global_batch_size={mbs}", f"runtime.precision={precision}",
@@ -228,15 +245,7 @@ def step_speed(rounds: int, precision: str, seq: int, mbs: int, hidden: bool,
     teacher = teacher[0].eval().requires_grad_(False)
 
     def trainer(make_step):
-        raw = build_model(student_model, cfg.parallel, cfg.runtime, ctx.device)
-        if student_ckpt:
-            ckpt.load(student_ckpt, raw)
-        step = make_step(raw)
-        chunks = wrap_ddp(raw)
-        opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
-        attach_schedule_hooks(chunks, opt)
-        return Trainer(cfg, ctx, chunks, step, opt, sched, None,
-                       MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+        return bench_trainer(cfg, ctx, student_model, student_ckpt, make_step)
 
     kd = trainer(lambda raw: KDStep(cfg.distill, teacher, raw[0], ctx.tp_group,
                                     student_model.vocab_size, ctx.device, seed=0))

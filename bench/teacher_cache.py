@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kd_step import bench_trainer  # noqa: E402
 from stats import interleaved, ratio_summary  # noqa: E402
 
 
@@ -73,13 +74,8 @@ def main():
     from megatron_minitron.config.loader import load_config
     from megatron_minitron.distill.cached_step import CachedKDStep
     from megatron_minitron.distill.teacher_cache import TeacherCache, disk_use
-    from megatron_minitron.models.builder import build_model
     from megatron_minitron.runtime.distributed import initialize, teardown
     from megatron_minitron.training.lm_step import LMStep
-    from megatron_minitron.training.loop import Trainer
-    from megatron_minitron.training.metrics import MetricsWriter
-    from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
-                                                      wrap_ddp)
 
     cfg = load_config(["model=llama_10m", f"data.seq_length={a.seq}",
                        f"train.micro_batch_size={a.mbs}", f"train.global_batch_size={a.mbs}",
@@ -107,17 +103,7 @@ def main():
                                                   torch.arange(start, start + a.mbs)], -1)}
 
     def trainer(make_step):
-        raw = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
-        if a.student:
-            from megatron_minitron.checkpoint.dist import load
-
-            load(a.student, raw, ctx=ctx)
-        step = make_step(raw)
-        chunks = wrap_ddp(raw)
-        opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
-        attach_schedule_hooks(chunks, opt)
-        return Trainer(cfg, ctx, chunks, step, opt, sched, None,
-                       MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+        return bench_trainer(cfg, ctx, cfg.model, a.student, make_step)
 
     dcfg = DistillConfig(teacher_cache=str(folder), teacher_cache_estimator=a.mode)
     kd = trainer(lambda raw: CachedKDStep(dcfg, cache, raw[0], ctx.tp_group, vocab,
