@@ -23,6 +23,9 @@ from knobs import parse_knobs  # noqa: E402
 
 STAGES = {  # name: candidate overrides of the recipe
     "lr": [{"lr": 3e-4}, {"lr": 1e-3}],
+    "lr3": [{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}],
+    "cosine": [{"decay": "constant", "warmup": 0}, {"decay": "cosine", "warmup": 0}],
+    "small_batch": [{"mbs": 4, "gbs": 4}, {"mbs": 2, "gbs": 2}],
     "lr_low": [{"lr": 3e-4}, {"lr": 1e-4}],
     "schedule": [{"decay": "constant", "warmup": 0}, {"decay": "cosine", "warmup": 0},
                  {"decay": "cosine", "warmup": 2}],

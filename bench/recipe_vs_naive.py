@@ -169,7 +169,9 @@ def run_arm(arm: str, recipe: dict, k: dict, seed: int, fixtures, wins_all) -> d
             "recipe": recipe if arm not in NAIVE else None}
     out = Path(k["work"]) / "recipe_runs" / f"{arm}_{_key(spec)}_s{seed}.json"
     if out.is_file():
-        return json.loads(out.read_text())
+        cached = json.loads(out.read_text())
+        if all(split in cached["losses"] for split in k["score"].split(",")):
+            return cached  # else trained before that half was scored: train it again
     run_dir = Path(k["work"]) / "recipe_runs" / f"tmp_{out.stem}"
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
