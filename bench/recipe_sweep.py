@@ -7,6 +7,11 @@ select loss (averaged over texts, then seeds) is kept for the next stage.
 
     python bench/recipe_sweep.py [tokens=20480] [seeds=1,2,3] [stages=lr,schedule]
                                  [work=/tmp/minitron_bench_smollm2] [windows=10]
+                                 [threads=2] [shard=0/1]
+
+shard=i/n: this process runs every n-th run of each stage (from the i-th) and waits for the
+other shards' results (cached JSON) before choosing; on 2 cores, two shards with threads=1
+each finish a stage sooner than one process with threads=2.
 
 Prints one row per point (mean perplexity and min-max over seeds per text, and the mean loss
 the choice is made on) and last the chosen recipe as recipe_vs_naive knobs. Runs are cached as
@@ -15,6 +20,7 @@ JSON under <work>/recipe_runs (shared with recipe_vs_naive), so a stopped sweep 
 
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +40,8 @@ STAGES = {  # name: candidate overrides of the recipe
     "batch": [{"mbs": 4, "gbs": 4}, {"mbs": 4, "gbs": 8}],
 }
 KNOBS = {"work": "/tmp/minitron_bench_smollm2", "tokens": 20480, "seeds": "1,2,3",
-         "stages": "lr,schedule", "windows": 10, "threads": 2, "score": "select,report"}
+         "stages": "lr,schedule", "windows": 10, "threads": 2, "score": "select,report",
+         "shard": "0/1"}
 
 
 def main(argv):
@@ -43,6 +50,7 @@ def main(argv):
 
     k = parse_knobs(argv, KNOBS)
     torch.set_num_threads(k["threads"])
+    shard, shards = (int(x) for x in k["shard"].split("/"))
     fixtures = rvn.students(k["work"])
     tok = AutoTokenizer.from_pretrained(fixtures[1])
     wins = {s: rvn.windows(tok, k["work"], k["windows"], s) for s in ("select", "report")}
@@ -55,6 +63,13 @@ def main(argv):
           f"{'mean loss':>16}")
     for stage in k["stages"].split(","):
         scored = []
+        todo = [(dict(best, **point), s) for point in STAGES[stage] for s in seeds
+                if rvn.cached_run("ours", dict(best, **point), run_k, s) is None]
+        for recipe, s in todo[shard::shards]:  # this process's share of the stage's runs
+            rvn.run_arm("ours", recipe, run_k, s, fixtures, wins)
+        for recipe, s in todo:  # the other shards' runs: wait for their results
+            while rvn.cached_run("ours", recipe, run_k, s) is None:
+                time.sleep(10)
         for point in STAGES[stage]:
             recipe = dict(best, **point)
             runs = [rvn.run_arm("ours", recipe, run_k, s, fixtures, wins) for s in seeds]

@@ -162,16 +162,35 @@ def _config(run_dir: Path, student: str, teacher: str, recipe: dict, tokens: int
     return load_config(overrides)
 
 
+def _spec(arm: str, recipe: dict, k: dict, seed: int) -> dict:
+    return {"arm": arm, "tokens": k["tokens"], "seed": seed, "windows": k["windows"],
+            "recipe": recipe if arm not in NAIVE else None}
+
+
+def run_path(arm: str, recipe: dict, k: dict, seed: int) -> Path:
+    """Where run_arm caches this run's result."""
+    spec = _spec(arm, recipe, k, seed)
+    return Path(k["work"]) / "recipe_runs" / f"{arm}_{_key(spec)}_s{seed}.json"
+
+
+def cached_run(arm: str, recipe: dict, k: dict, seed: int):
+    """This run's cached result if it has every half k["score"] asks for, else None (a run
+    trained before a half was scored is trained again)."""
+    out = run_path(arm, recipe, k, seed)
+    if not out.is_file():
+        return None
+    cached = json.loads(out.read_text())
+    return cached if all(s in cached["losses"] for s in k["score"].split(",")) else None
+
+
 def run_arm(arm: str, recipe: dict, k: dict, seed: int, fixtures, wins_all) -> dict:
     """One trained student's losses on both halves of every text (cached as JSON)."""
     teacher, teacher_hf, ours, ours_hf, ref_hf = fixtures
-    spec = {"arm": arm, "tokens": k["tokens"], "seed": seed, "windows": k["windows"],
-            "recipe": recipe if arm not in NAIVE else None}
-    out = Path(k["work"]) / "recipe_runs" / f"{arm}_{_key(spec)}_s{seed}.json"
-    if out.is_file():
-        cached = json.loads(out.read_text())
-        if all(split in cached["losses"] for split in k["score"].split(",")):
-            return cached  # else trained before that half was scored: train it again
+    spec = _spec(arm, recipe, k, seed)
+    out = run_path(arm, recipe, k, seed)
+    cached = cached_run(arm, recipe, k, seed)
+    if cached is not None:
+        return cached
     run_dir = Path(k["work"]) / "recipe_runs" / f"tmp_{out.stem}"
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()

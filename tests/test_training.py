@@ -72,3 +72,49 @@ def test_bf16_tracks_fp32(tmp_path):
     for (_, a), (_, b) in zip(fp32, bf16):
         assert b == pytest.approx(a, rel=2e-2)
     assert fp32 != bf16  # bf16 really ran in bf16
+
+
+def _train_adam(run_dir, overrides, fused):
+    """_train with torch's fused AdamW (the default) or its per-parameter loop; also returns
+    every AdamW param group's `fused` flag after the run (a resume included)."""
+    from megatron_minitron.training import optimizer as opt_mod
+    from megatron_minitron.training import session
+
+    seen = []
+    original = opt_mod.use_fused_adamw
+
+    def spy(optimizer):
+        n = original(optimizer) if fused else 0
+        seen.append(optimizer)
+        return n
+
+    opt_mod.use_fused_adamw = session.use_fused_adamw = spy
+    try:
+        curve = _train(run_dir, overrides)
+    finally:
+        opt_mod.use_fused_adamw = session.use_fused_adamw = original
+    flags = [g.get("fused") for o in seen[-1:]
+             for inner in [c.optimizer for c in getattr(o, "chained_optimizers", [o])]
+             for g in inner.param_groups]
+    return curve, flags
+
+
+def test_adamw_is_fused_and_updates_like_the_loop(tmp_path):
+    fused, flags = run_distributed(_train_adam, 1, str(tmp_path / "fused"),
+                                   ["train.train_iters=4"], True)[0]
+    loop, loop_flags = run_distributed(_train_adam, 1, str(tmp_path / "loop"),
+                                       ["train.train_iters=4"], False)[0]
+    assert flags and all(f is True for f in flags)
+    assert not any(loop_flags)
+    assert [s for s, _ in fused] == [s for s, _ in loop] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(fused, loop):
+        assert a == pytest.approx(b, rel=1e-5)
+    # a resume loads the saver's param_groups: they are switched to the fused kernel again
+    part = tmp_path / "part"
+    run_distributed(_train_adam, 1, str(part), ["train.train_iters=4", "train.exit_after_iters=2"],
+                    False)
+    resumed, resumed_flags = run_distributed(_train_adam, 1, str(part), ["train.train_iters=4"],
+                                             True)[0]
+    assert resumed_flags and all(f is True for f in resumed_flags)
+    for (_, a), (_, b) in zip(loop[2:], resumed[2:]):
+        assert a == pytest.approx(b, rel=1e-5)

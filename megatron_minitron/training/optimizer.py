@@ -30,6 +30,7 @@ def build_optimizer(chunks: List[torch.nn.Module], cfg: OptimizerConfig, train: 
         clip_grad=cfg.clip_grad, bf16=tcfg.bf16, params_dtype=tcfg.params_dtype,
         use_distributed_optimizer=False)
     optimizer = get_megatron_optimizer(mcfg, chunks)
+    use_fused_adamw(optimizer)
     samples = train.train_iters * train.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
@@ -38,6 +39,26 @@ def build_optimizer(chunks: List[torch.nn.Module], cfg: OptimizerConfig, train: 
         start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(samples, 1),
         wd_incr_style="constant")
     return optimizer, scheduler
+
+
+def use_fused_adamw(optimizer) -> int:
+    """Switch megatron's torch AdamW (its fallback without Transformer Engine or apex) to torch's
+    fused kernel, one vectorised pass over each parameter, where the parameters' device has it
+    (CPU and CUDA); by default torch runs it as a loop of a dozen element-wise ops per parameter
+    on CPU. The update is the same up to rounding. Called again after a checkpoint's optimizer
+    state loads (its param_groups replace ours). Returns how many groups were switched."""
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) is not torch.optim.AdamW:
+            continue  # TE's / apex's FusedAdam, or SGD: fused already, or not ours to change
+        for group in inner.param_groups:
+            params = group["params"]
+            if params and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                              for p in params):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+    return switched
 
 
 def attach_schedule_hooks(chunks: List[torch.nn.Module], optimizer) -> None:

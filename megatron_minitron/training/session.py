@@ -12,7 +12,8 @@ from megatron_minitron.models.builder import build_model
 from megatron_minitron.runtime.distributed import ParallelContext
 from megatron_minitron.training.loop import DataSource, LoopState, Step, Trainer
 from megatron_minitron.training.metrics import MetricsWriter
-from megatron_minitron.training.optimizer import attach_schedule_hooks, build_optimizer, wrap_ddp
+from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
+                                                  use_fused_adamw, wrap_ddp)
 
 
 @dataclass
@@ -83,6 +84,7 @@ def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
         h = ckpt.load(start.resume, chunks, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
                       field="checkpoint.save" if cfg.checkpoint.save else "run.dir",
                       verify=cfg.checkpoint.verify)
+        use_fused_adamw(optimizer)  # the loaded param_groups carry the saver's choice
         state = LoopState(step=h.step, consumed_samples=h.consumed_samples)
         carried = ckpt.carried_extra(h) or carried
     writer = MetricsWriter(cfg.run.dir, cfg.logger, ctx.rank == 0, config_dict,
