@@ -125,6 +125,33 @@ def test_iterative_pipeline_reaches_the_target_in_rounds(tmp_path):
     assert (tmp_path / "distill_2" / "stage.json").is_file()
 
 
+def test_iterative_rounds_end_at_the_one_shot_architecture():
+    """SmolLM2-135M at half its non-embedding parameters: two rounds of the budget alone end at
+    ffn 1048 (71.7M) against one round's 1031 (71.1M); the last round takes one round's sizes."""
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.pipeline.run import final_model, round_configs
+
+    def architecture(m):
+        return {a: getattr(m, a) for a in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                           "num_attention_heads", "num_query_groups")}
+
+    for fraction in (0.5, 0.3):
+        base = ["model=smollm2_135m", f"pipeline.param_fraction={fraction}"]
+        one = load_config(base)
+        teacher = one.model
+        one_shot = final_model(teacher, round_configs(one, teacher))
+        for iterations in (2, 3):
+            cfg = load_config(base + [f"pipeline.iterations={iterations}"])
+            rounds = round_configs(cfg, teacher)
+            assert len(rounds) == iterations
+            assert [r.prune.param_budget is None for r in rounds] == [False] * (iterations - 1) \
+                + [True]  # the rounds before the last still follow their budgets
+            final = final_model(teacher, rounds)
+            assert architecture(final) == architecture(one_shot)
+            assert final.num_parameters() == one_shot.num_parameters()
+    assert architecture(one_shot)["ffn_hidden_size"] < teacher.ffn_hidden_size
+
+
 def test_bad_teacher_is_one_line_error(tmp_path):
     p = minitron("pipeline", "experiment=smoke", f"run.dir={tmp_path}",
                  f"pipeline.teacher={tmp_path / 'nope'}")

@@ -4,7 +4,8 @@ finished (so rerunning the same command after a crash resumes where it stopped).
 
 Iterative mode (pipeline.iterations = R > 1) runs importance/prune/distill R times with
 parameter budgets spaced geometrically from the teacher's to the target's, folders suffixed
-_1.._R; every round distills from the (corrected) original teacher."""
+_1.._R; the last round prunes to exactly the architecture one round would (round_configs), and
+every round distills from the (corrected) original teacher."""
 
 import dataclasses
 import json
@@ -16,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 from megatron_minitron.checkpoint import dist as ckpt
 from megatron_minitron.checkpoint.smollm2 import teacher_label
 from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.pipeline import stages
 from megatron_minitron.runtime.distributed import barrier, process_group_held
@@ -55,7 +57,7 @@ class StageRunner:
         return outputs
 
 
-def round_budgets(cfg: MinitronConfig, teacher: str) -> List[Optional[int]]:
+def round_budgets(cfg: MinitronConfig, teacher: ModelConfig) -> List[Optional[int]]:
     """Non-embedding parameter budget of each round (None: prune.target / param_budget)."""
     p, prune = cfg.pipeline, cfg.prune
     explicit = prune.param_budget is not None or any(
@@ -70,7 +72,7 @@ def round_budgets(cfg: MinitronConfig, teacher: str) -> List[Optional[int]]:
         raise ConfigError("pipeline.param_fraction", "no target: prune.target, "
                           "prune.param_budget and pipeline.param_fraction are all unset",
                           "set pipeline.param_fraction=0.5 or a prune target")
-    n = ckpt.read_header(teacher).model.num_parameters(include_embeddings=False)
+    n = teacher.num_parameters(include_embeddings=False)
     return [int(n * p.param_fraction ** ((r + 1) / p.iterations)) for r in range(p.iterations)]
 
 
@@ -87,12 +89,45 @@ def prune_config(cfg: MinitronConfig, budget: Optional[int]) -> MinitronConfig:
     return dataclasses.replace(cfg, prune=prune)
 
 
-def check_target(cfg: MinitronConfig, teacher: str, budget: Optional[int]) -> None:
-    """Reject an impossible final target before any importance or training work."""
+def round_configs(cfg: MinitronConfig, teacher: ModelConfig) -> List[MinitronConfig]:
+    """The config of every round: prune_config of its budget. With R > 1 rounds and a fixed
+    target the last round prunes to the sizes one round from the teacher would choose (resolved
+    on the teacher), not to the budget on the previous round's model: its sizes are already
+    snapped, so the budget alone would end at another architecture (SmolLM2-135M at 0.5: ffn
+    1048 in two rounds against 1031 in one)."""
+    rounds = [prune_config(cfg, b) for b in round_budgets(cfg, teacher)]
+    last = rounds[-1].prune
+    if len(rounds) == 1 or cfg.pipeline.target != "fixed":
+        return rounds
     from megatron_minitron.pruning.plan import resolve_target
 
-    if cfg.pipeline.target == "fixed":
-        resolve_target(ckpt.read_header(teacher).model, prune_config(cfg, budget).prune)
+    one_shot = resolve_target(teacher, last)
+    target = dataclasses.replace(last.target, **{a: getattr(one_shot, a)
+                                                 for a in last.budget_axes})
+    rounds[-1] = dataclasses.replace(rounds[-1], prune=dataclasses.replace(
+        last, param_budget=None, target=target))
+    return rounds
+
+
+def final_model(teacher: ModelConfig, rounds: List[MinitronConfig]) -> Optional[ModelConfig]:
+    """The architecture the rounds end at, resolved round by round before any importance or
+    training work (ConfigError for an impossible target); None when pipeline.target=search
+    chooses it later."""
+    from megatron_minitron.pruning.plan import resolve_target
+
+    if rounds[-1].pipeline.target != "fixed":
+        return None
+    model = teacher
+    for r, rcfg in enumerate(rounds):
+        try:
+            model = resolve_target(model, rcfg.prune)
+        except ConfigError as e:
+            if r == 0:
+                raise
+            raise ConfigError("pipeline.iterations", f"round {r + 1} of {len(rounds)} cannot "
+                              f"reach the one-shot target from round {r}'s model ({e})",
+                              "use fewer iterations or pipeline.iterations=1") from e
+    return model
 
 
 def importance_config(cfg: MinitronConfig) -> MinitronConfig:
@@ -125,12 +160,12 @@ def run_pipeline(cfg: MinitronConfig) -> Dict:
                 cfg, teacher_ckpt, out))
             cfg = dataclasses.replace(cfg, distill=dataclasses.replace(
                 cfg.distill, teacher_cache=cached["cache"]))
-        budgets = round_budgets(cfg, teacher_ckpt)
-        check_target(cfg, teacher_ckpt, budgets[-1])
+        teacher_model = ckpt.read_header(teacher_ckpt).model
+        configs = round_configs(importance_config(cfg), teacher_model)
+        final_model(teacher_model, configs)
         student, rounds = teacher_ckpt, []
-        for r, budget in enumerate(budgets):
-            sfx = "" if len(budgets) == 1 else f"_{r + 1}"
-            rcfg = prune_config(importance_config(cfg), budget)
+        for r, rcfg in enumerate(configs):
+            sfx = "" if len(configs) == 1 else f"_{r + 1}"
             scores = runner.run(f"importance{sfx}", lambda out: stages.score(
                 rcfg, student, str(out / "scores.safetensors")))
             if p.target == "search":
