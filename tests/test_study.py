@@ -46,10 +46,14 @@ def test_every_ablation_produces_its_rows(tiny_study):
     assert len({r["tokens"] for r in by["retraining"].values()}) == 1
     assert by["iterative"]["iterative"]["tokens"] == by["iterative"]["one_shot"]["tokens"] > 0
     assert all(r["tokens"] == 0 for r in by["aggregation"].values())
-    # equal parameters for width and depth (both half the non-embedding parameters)
+    # width and depth at equal total parameters (embeddings included), within one layer
     w, d = by["width_depth"]["width"], by["width_depth"]["depth"]
-    assert abs(w["params_non_embedding"] / d["params_non_embedding"] - 1) < 0.05
-    assert d["architecture"]["num_layers"] == 2 and w["architecture"]["num_layers"] == 4
+    assert abs(w["params"] - d["params"]) <= d["layer_params"]
+    assert d["architecture"]["num_layers"] == res["teacher"]["depth_layers"] == 2
+    assert w["architecture"]["num_layers"] == 4
+    # the iterative arm ends at exactly the one-shot architecture
+    it, one = by["iterative"]["iterative"], by["iterative"]["one_shot"]
+    assert it["architecture"] == one["architecture"] and it["params"] == one["params"]
     # shared work: the default student of ablations 2, 3 and 6 is the same model
     assert by["source"]["activation"]["loss"] == by["width_depth"]["width"]["loss"] \
         == by["retraining"]["kd"]["loss"]
@@ -64,11 +68,24 @@ def test_every_ablation_produces_its_rows(tiny_study):
     assert seeds["seed2"]["overrides"] == ["runtime.seed=2"]
     assert {c["verdict"] for c in res["claims"]} <= {"held", "did not hold", "within noise"}
     assert all(c["spread"] is not None for c in res["claims"] if c["margin"] is not None)
+    # the second pass: every arm of a claim within noise on one seed ran under seed 2, and the
+    # claim was judged on both seeds (tiny: one extra seed)
+    within = [c for c in res["claims"] if c["replicate"]]
+    for c in within:
+        abl = next(a for a in res["ablations"] if a["number"] == c["ablation"])
+        reps = {r["replicate_of"] for r in abl["arms"] if r.get("replicate_of")}
+        assert set(c["replicate"]) <= reps, c["claim"]
+        assert all(len(v) == 2 for v in c["seeds"].values()), c["claim"]
+    reps = [r for a in res["ablations"] for r in a["arms"] if r.get("replicate_of")]
+    assert all(r["overrides"][-1] == "runtime.seed=2" and r["seed"] == 2 for r in reps)
 
 
 def test_markdown_and_plots_are_written(tiny_study):
     study, _ = tiny_study
+    from minitron_study.report import STUDY_MARKER
+
     md = (study / "docs" / "RESULTS.md").read_text()
+    assert md.startswith(STUDY_MARKER + "\n")  # no file before: written whole, marker on top
     for n in range(1, 11):
         assert f"\n## {n}. " in md
     assert "## Which of the papers' claims held here" in md and "- commit: `" in md
@@ -82,26 +99,36 @@ def test_rerun_skips_finished_arms_and_redoes_a_missing_one(tiny_study):
     missing = study / "arms" / "heads" / "groups.json"
     before = json.loads(missing.read_text())
     missing.unlink()
-    from minitron_study.report import KEPT_MARKER
+    from minitron_study.report import KEPT_MARKER, STUDY_MARKER
 
     md = study / "docs" / "RESULTS.md"
-    md.write_text(md.read_text() + f"\n{KEPT_MARKER}\n\n## Hand-written (issue 15)\nkept\n")
+    head = "# Results\n\n## Distillation defaults chosen from measurements\nby hand\n\n"
+    md.write_text(head + md.read_text().replace("## 1. ", "## 1. stale ")
+                  + f"\n{KEPT_MARKER}\n\n## Hand-written (issue 15)\nkept\n")
     ran = run_study(study)
     assert ran == ["study: ablation 5 arm groups"]
-    assert md.read_text().count("## Hand-written (issue 15)\nkept") == 1
+    text = md.read_text()
+    assert text.startswith(head + STUDY_MARKER + "\n") and text.count(STUDY_MARKER) == 1
+    assert "## 1. stale" not in text and "\n## 1. " in text  # below the marker: rewritten
+    assert text.count("## Hand-written (issue 15)\nkept") == 1
     after = json.loads(missing.read_text())
     assert after["loss"] == before["loss"]  # its shared checkpoint was reused, not retrained
 
 
-def test_hand_written_tail_is_kept(tmp_path):
-    from minitron_study.report import KEPT_MARKER, kept_tail
+def test_hand_written_head_and_tail_are_kept(tmp_path):
+    from minitron_study.report import KEPT_MARKER, STUDY_MARKER, kept_head, kept_tail
 
     md = tmp_path / "RESULTS.md"
-    assert kept_tail(md) == ""
+    assert kept_tail(md) == "" and kept_head(md) == ""
     md.write_text("# generated\n\nold numbers\n")
-    assert kept_tail(md) == ""
+    assert kept_tail(md) == "" and kept_head(md) == ""  # no marker: the file is written whole
     md.write_text(f"# generated\n\nold numbers\n{KEPT_MARKER}\n## Recipe\nrows\n")
     assert kept_tail(md) == f"\n{KEPT_MARKER}\n## Recipe\nrows\n"
+    # a KEPT_MARKER quoted in the hand-written head does not start the tail
+    head = f"# Results\n\n## Defaults\nsee `{KEPT_MARKER}`\n\n"
+    md.write_text(f"{head}{STUDY_MARKER}\n\n# generated\nold\n{KEPT_MARKER}\n## Recipe\n")
+    assert kept_head(md) == head
+    assert kept_tail(md) == f"\n{KEPT_MARKER}\n## Recipe\n"
 
 
 def test_claims_follow_the_numbers_and_say_not_run():
@@ -139,9 +166,12 @@ def test_a_margin_inside_the_seed_spread_is_within_noise():
 
     spread = arms(width=4.80, seed2=4.90, seed3=4.85)  # retrained spread 0.10
     close = kd_vs_ce(4.85, spread)
-    assert close["verdict"] == "within noise" and close["leaning"] == "held"
+    # within noise on one seed: no verdict until its arms have run under the other seeds
+    assert close["verdict"] == "not run" and close["leaning"] == "held"
+    assert close["replicate"] == ["kd", "ce"] and "within noise" in close["evidence"]
     assert abs(close["margin"] - 0.05) < 1e-9 and abs(close["spread"] - 0.10) < 1e-9
     assert kd_vs_ce(5.00, spread)["verdict"] == "held"  # margin 0.2 > spread
+    assert kd_vs_ce(5.00, spread)["replicate"] == []
     assert kd_vs_ce(4.60, spread)["verdict"] == "did not hold"
     assert kd_vs_ce(4.85, {})["verdict"] == "held"  # no seed arms: no noise yardstick
     # claims on losses right after pruning meet the spread of the pruned losses
@@ -149,7 +179,110 @@ def test_a_margin_inside_the_seed_spread_is_within_noise():
                      "seed2": {"loss": 4.9, "pruned_loss": 7.5, "tokens": 30}}
     done = {2: arms(activation=1.0, magnitude=1.2, random=3.0), 10: pruned_spread}
     right_after = next(c for c in evaluate_claims(done) if c["ablation"] == 2)
-    assert right_after["verdict"] == "within noise" and right_after["spread"] == 0.5
+    assert right_after["verdict"] == "not run" and right_after["spread"] == 0.5
+    assert right_after["replicate"] == ["activation", "magnitude", "random"]
+
+
+def _rec(loss, pruned=None, tokens=30):
+    return {"loss": loss, "pruned_loss": loss + 2 if pruned is None else pruned,
+            "tokens": tokens}
+
+
+def test_a_claim_within_noise_is_judged_on_the_means_over_seeds():
+    from minitron_study.claims import evaluate_claims
+
+    seeds10 = {"width": _rec(4.80), "seed2": _rec(4.90), "seed3": _rec(4.85)}  # spread 0.10
+    done = {6: {"kd": _rec(4.80), "ce": _rec(4.85)}, 10: seeds10}
+
+    def kd_vs_ce(kd, ce):
+        reps = {6: {"kd": [_rec(v) for v in kd], "ce": [_rec(v) for v in ce]}}
+        return next(c for c in evaluate_claims(done, reps, seeds=3)
+                    if c["claim"].startswith("Logit KD beats"))
+
+    # means kd 4.80, ce 4.92: margin 0.12 > the larger seed range (ce: 0.11) -> held
+    held = kd_vs_ce([4.81, 4.79], [4.95, 4.96])
+    assert held["verdict"] == "held" and abs(held["margin"] - 0.12) < 1e-9
+    assert abs(held["spread"] - 0.11) < 1e-9
+    assert held["seeds"] == {"kd": [4.80, 4.81, 4.79], "ce": [4.85, 4.95, 4.96]}
+    assert "means over 3 seeds" in held["evidence"] and "4.850 / 4.950 / 4.960" in held["evidence"]
+    # means kd 4.933, ce 4.717 reverse the one-seed order by more than either range (0.2)
+    assert kd_vs_ce([5.0, 5.0], [4.65, 4.65])["verdict"] == "did not hold"
+    # kd's own range (0.25) covers the gap of the means (0.05) -> within noise, after 3 seeds
+    noisy = kd_vs_ce([4.95, 4.70], [4.85, 4.90])
+    assert noisy["verdict"] == "within noise" and abs(noisy["spread"] - 0.25) < 1e-9
+    # a missing replicate: no verdict yet
+    assert kd_vs_ce([4.81], [4.95, 4.96])["verdict"] == "not run"
+
+
+def test_replicates_are_selected_for_the_arms_of_claims_within_noise():
+    from minitron_study.ablations import build_ablations
+    from minitron_study.config import StudyConfig
+    from minitron_study.runner import needed_replicates
+
+    study = StudyConfig(budget="quick")
+    ablations = build_ablations(study.sizes, 12)
+    claims = [{"ablation": 6, "replicate": ["kd", "ce"]}, {"ablation": 6, "replicate": []},
+              {"ablation": 6, "replicate": ["kd", "kd_t2"]},
+              {"ablation": 3, "replicate": ["width", "depth"]}]
+    picked = needed_replicates(study, ablations, claims)
+    names = [(abl.number, arm.name) for abl, arm in picked]
+    assert names == [(6, "kd_seed2"), (6, "kd_seed3"), (6, "ce_seed2"), (6, "ce_seed3"),
+                     (6, "kd_t2_seed2"), (6, "kd_t2_seed3"), (3, "width_seed2"),
+                     (3, "width_seed3"), (3, "depth_seed2"), (3, "depth_seed3")]
+    depth = dict(names_arm for names_arm in ((a.name, a) for _, a in picked))["depth_seed3"]
+    assert depth.overrides[0] == "prune.target.num_layers=12"
+    assert depth.overrides[-1] == "runtime.seed=3" and depth.retrain == "kd"
+    # only the selected ablations get their replicates
+    only6 = [a for a in ablations if a.number == 6]
+    assert {abl.number for abl, _ in needed_replicates(study, only6, claims)} == {6}
+
+
+def test_calibration_stability_is_judged_against_the_seed_spread():
+    from minitron_study.claims import evaluate_claims
+
+    def stable(seeds):
+        cal = {"n16": _rec(7.0, 6.995), "n64": _rec(7.1, 7.093), "n256": _rec(7.0, 7.049)}
+        return [c for c in evaluate_claims({9: cal, 10: seeds}) if c["ablation"] == 9][-1]
+
+    # the two largest sizes differ by 0.044 nats (within the old 1% tolerance)
+    narrow = stable({"width": _rec(4.8, 7.00), "seed2": _rec(4.8, 7.04)})  # spread 0.04
+    assert narrow["verdict"] == "did not hold" and abs(narrow["spread"] - 0.04) < 1e-9
+    wide = stable({"width": _rec(4.8, 7.00), "seed2": _rec(4.8, 7.05)})  # spread 0.05
+    assert wide["verdict"] == "held" and abs(wide["margin"] - 0.006) < 1e-9
+    assert stable({})["verdict"] == "not run"  # no seed spread: nothing to judge it against
+
+
+def test_width_and_depth_compare_at_equal_total_parameters():
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.pipeline.run import final_model, round_configs
+    from minitron_study.ablations import build_ablations, equal_total_layers
+    from minitron_study.claims import evaluate_claims
+    from minitron_study.config import SIZES
+
+    cfg = load_config(["model=smollm2_135m", "pipeline.param_fraction=0.5"])
+    teacher = cfg.model
+    width = final_model(teacher, round_configs(cfg, teacher))
+    assert round(width.num_parameters() / 1e5) == 711  # 71.1M
+    layers = equal_total_layers(teacher, width.num_parameters())
+    assert layers == 12  # 28.3M tied embeddings + 12 x 3.54M = 70.8M, not half the layers
+    abl3, abl4 = (a for a in build_ablations(SIZES["quick"], layers) if a.number in (3, 4))
+    depth = next(a for a in abl3.arms if a.name == "depth")
+    assert depth.overrides[0] == "prune.target.num_layers=12"
+    assert all(a.overrides[0] == "prune.target.num_layers=15" for a in abl4.arms)
+    # the depth arm shares ablation 4's scores file: the same importance overrides
+    assert depth.overrides[1:] == next(a for a in abl4.arms if a.name == "loss").overrides[1:]
+
+    def claims(depth_params):
+        arms = {"width": {**_rec(4.85, 7.09), "params": 71_095_374},
+                "depth": {**_rec(4.74, 6.58), "params": depth_params, "layer_params": 3_540_096}}
+        return [c for c in evaluate_claims({3: arms}) if c["ablation"] == 3]
+
+    equal = claims(70_793_280)
+    assert [c["verdict"] for c in equal] == ["did not hold", "did not hold"]
+    assert "width 71.1M, depth 70.8M" in equal[0]["evidence"]
+    unequal = claims(81_413_568)  # half the layers: 10.3M more than the width arm
+    assert [c["verdict"] for c in unequal] == ["not comparable"] * 2
+    assert "more than one layer" in unequal[0]["evidence"]
 
 
 def test_an_arm_finished_under_another_definition_reruns():

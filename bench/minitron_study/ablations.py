@@ -3,9 +3,11 @@ list of arms, an arm a few Hydra overrides on the study's base config plus how t
 is retrained. Arms that need the same scores file or pruned checkpoint get the same one
 (artifacts.py keys them by their config)."""
 
-from dataclasses import dataclass, field
-from typing import List, Tuple
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Tuple
 
+from megatron_minitron.config.model import ModelConfig
+from megatron_minitron.pruning.budget import count
 from minitron_study.config import BudgetSizes
 
 RETRAIN = ("none", "kd", "ce", "scratch")
@@ -21,6 +23,9 @@ class Arm:
     """"none": evaluate right after pruning; "kd": pipeline.distill_iters steps of distillation
     (per round split over pipeline.iterations); "ce": the same steps of plain LM loss;
     "scratch": the pruned architecture from random init, LM loss, scratch_factor x as long."""
+    revision: int = 0
+    """Raised when a code fix changes what the arm measures while its overrides stay the same:
+    a result recorded under another revision reruns."""
 
 
 @dataclass(frozen=True)
@@ -32,14 +37,35 @@ class Ablation:
     arms: List[Arm] = field(default_factory=list)
 
 
-def _depth(s: BudgetSizes) -> Tuple[str, ...]:
-    """Half the layers, scored by skip-one loss, cosine and contiguous-block loss."""
-    return (f"prune.target.num_layers={s.depth_layers}", "importance.depth_loss=true",
+def _depth(s: BudgetSizes, layers: int) -> Tuple[str, ...]:
+    """Keep `layers` layers, scored by skip-one loss, cosine and contiguous-block loss (the
+    same scores file for every depth arm: block_sizes stays the budget's)."""
+    return (f"prune.target.num_layers={layers}", "importance.depth_loss=true",
             f"importance.num_samples={s.depth_samples}",
             f"importance.block_sizes=[{s.depth_layers}]")
 
 
-def build_ablations(s: BudgetSizes) -> List[Ablation]:
+def equal_total_layers(teacher: ModelConfig, params: int) -> int:
+    """The teacher's layer count whose total parameters (embeddings included) are nearest to
+    `params` (ties: fewer layers). SmolLM2-135M: 28.3M tied embeddings + 3.54M per layer, so the
+    width student's 71.1M gives 12 layers (70.8M)."""
+    return min(range(1, teacher.num_layers + 1),
+               key=lambda n: abs(count(teacher, {"num_layers": n}, True) - params))
+
+
+def replicate(arm: Arm, seed: int) -> Arm:
+    """`arm` again under runtime.seed=`seed` (other calibration samples, another training
+    order; the same held-out batches): a seed replicate for a claim within noise."""
+    return replace(arm, name=f"{arm.name}_seed{seed}",
+                   overrides=arm.overrides + (f"runtime.seed={seed}",))
+
+
+def build_ablations(s: BudgetSizes, depth_layers: Optional[int] = None) -> List[Ablation]:
+    """`depth_layers`: the layers ablation 3's depth arm keeps, equal in total parameters to the
+    width arm (equal_total_layers; the runner computes it from the teacher). None, before the
+    teacher is known: the budget's depth_layers."""
+    depth_layers = s.depth_layers if depth_layers is None else depth_layers
+
     def after(n: int) -> str:
         return "kd" if n in s.distill_after_prune else "none"
 
@@ -58,15 +84,18 @@ def build_ablations(s: BudgetSizes) -> List[Ablation]:
                  [Arm(src, (f"importance.source={src}",), "kd")
                   for src in ("activation", "magnitude", "random")]),
         Ablation(3, "width_depth", "Width versus depth at equal parameters",
-                 "Half the non-embedding parameters by width (hidden, ffn) or by depth (half the "
-                 "layers, skip-one loss), before and after distillation.",
-                 [width_kd, Arm("depth", _depth(s), "kd")]),
+                 "Half the non-embedding parameters by width (hidden, ffn), or as many layers "
+                 "by depth (skip-one loss) as give the same total parameters, embeddings "
+                 "included; before and after distillation.",
+                 [width_kd, Arm("depth", _depth(s, depth_layers), "kd")]),
         Ablation(4, "depth_metric", "Depth metric",
                  "Which half of the layers to drop: lowest cosine block importance, lowest "
                  "single-layer loss increase, or the best contiguous block.",
-                 [Arm("cosine", _depth(s) + ("prune.depth_metric=cosine",), after(4)),
-                  Arm("loss", _depth(s), after(4)),
-                  Arm("block", _depth(s) + ("prune.depth_mode=block",), after(4))]),
+                 [Arm("cosine", _depth(s, s.depth_layers) + ("prune.depth_metric=cosine",),
+                      after(4)),
+                  Arm("loss", _depth(s, s.depth_layers), after(4)),
+                  Arm("block", _depth(s, s.depth_layers) + ("prune.depth_mode=block",),
+                      after(4))]),
         Ablation(5, "heads", "Heads: inside groups versus whole groups",
                  f"Keep {s.kept_heads} query heads: uniformly inside every group, or by dropping "
                  "whole query groups (the latter also drops their key/value heads). "
@@ -93,10 +122,12 @@ def build_ablations(s: BudgetSizes) -> List[Ablation]:
                  "match the distilled student.",
                  [width_kd, Arm("random_init", retrain="scratch")]),
         Ablation(8, "iterative", "One-shot versus iterative pruning",
-                 "The same final size in one prune + distill, or two rounds (geometric budgets) "
-                 "that split the same distillation steps.",
-                 [Arm("one_shot", retrain="kd"), Arm("iterative", ("pipeline.iterations=2",),
-                                                     "kd")]),
+                 "The same final architecture in one prune + distill, or two rounds (geometric "
+                 "budgets, the last one pruning to the one-shot sizes) that split the same "
+                 "distillation steps.",
+                 [Arm("one_shot", retrain="kd"),
+                  # revision 1: the last round prunes to exactly one_shot's architecture
+                  Arm("iterative", ("pipeline.iterations=2",), "kd", revision=1)]),
         Ablation(9, "calibration", "Calibration size",
                  "Activation scores from more or fewer calibration samples, for width pruning.",
                  [Arm(f"n{n}", (f"importance.num_samples={n}",), after(9))

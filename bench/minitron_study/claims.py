@@ -4,13 +4,22 @@ of one ablation and says "held", "did not hold", or "not run" (an arm it needs i
 A rule also gives its margin: how far one of the compared losses would have to move to reverse
 the verdict. Where the seed-to-seed spread of the same student (ablation 10: range of its losses
 over seeds, right after pruning or after retraining, whichever the claim compares) is larger
-than that margin, the verdict is "within noise": one seed cannot tell."""
+than that margin, one seed cannot tell: the study reruns every compared arm under the budget's
+other seeds (its second pass) and judges the claim again on each arm's mean over the seeds,
+against the larger of the compared arms' own seed ranges. Until those replicates have run, the
+claim is "not run"; if the means still differ by less than that range, "within noise".
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+A claim that two losses are equal (calibration stability) holds when they differ by no more
+than the seed spread; width versus depth is "not comparable" when the two arms' total
+parameters differ by more than one of the teacher's layers."""
+
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 Arms = Dict[str, Dict]
 """Arm name -> its result record (only arms with status "done")."""
+Replicates = Dict[int, Dict[str, List[Dict]]]
+"""Ablation -> arm name -> the finished records of its seed replicates."""
 
 
 PRUNED, RETRAINED = "pruned", "retrained"
@@ -25,8 +34,15 @@ class Outcome:
     evidence: str
     margin: Optional[float] = None
     """The smallest change of one compared loss that reverses the verdict (None: not measured
-    in loss, like the calibration tolerance or the token count to match)."""
+    in loss, like the token count to match)."""
     kind: str = RETRAINED
+    compared: Tuple[str, ...] = ()
+    """The arms the verdict turns on: the ones a within-noise verdict replicates."""
+    difference: Optional[float] = None
+    """Set for a claim that two losses are equal: their difference, held when the seed spread
+    covers it."""
+    not_comparable: Optional[str] = None
+    """Why the compared arms cannot be compared (then no verdict)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +84,7 @@ def _order(names: List[str], field: str) -> Callable[[Arms], Optional[Outcome]]:
             return None
         held = all(a < b for a, b in zip(vals, vals[1:]))
         return Outcome(held, ", ".join(f"{n} {v:.3f}" for n, v in zip(names, vals)),
-                       reversal_margin(vals), _kind(arms, names, field))
+                       reversal_margin(vals), _kind(arms, names, field), tuple(names))
     return rule
 
 
@@ -79,7 +95,8 @@ def _at_most(name: str, other: str) -> Callable[[Arms], Optional[Outcome]]:
         if a is None or b is None:
             return None
         return Outcome(a <= b, f"{name} {a:.3f}, {other} {b:.3f}",
-                       reversal_margin([a, b], strict=False), _kind(arms, [name, other], "loss"))
+                       reversal_margin([a, b], strict=False), _kind(arms, [name, other], "loss"),
+                       (name, other))
     return rule
 
 
@@ -89,9 +106,10 @@ def _best(name: str, field: str) -> Callable[[Arms], Optional[Outcome]]:
         if name not in vals or len(vals) < 2:
             return None
         best = min(vals, key=vals.get)
-        runner_up = min(v for n, v in vals.items() if n != name)
+        rival = min((n for n in vals if n != name), key=vals.get)
         return Outcome(best == name, f"{name} {vals[name]:.3f}; best {best} {vals[best]:.3f}",
-                       abs(runner_up - vals[name]), _kind(arms, list(vals), field))
+                       abs(vals[rival] - vals[name]), _kind(arms, list(vals), field),
+                       (name, rival))
     return rule
 
 
@@ -117,11 +135,13 @@ def _scratch_tokens(arms: Arms) -> Optional[Outcome]:
 
 
 def _calibration_stable(arms: Arms) -> Optional[Outcome]:
+    """The two largest sizes give the same loss: equal within the seed spread after pruning."""
     done = sorted((int(n[1:]), r["pruned_loss"]) for n, r in arms.items())
     if len(done) < 2:
         return None
     (n1, a), (n2, b) = done[-2], done[-1]
-    return Outcome(abs(a - b) <= 0.01 * b, f"n={n1}: {a:.3f}, n={n2}: {b:.3f} (1% tolerance)")
+    return Outcome(True, f"n={n1}: {a:.3f}, n={n2}: {b:.3f} (difference {abs(a - b):.3f})",
+                   kind=PRUNED, compared=(f"n{n1}", f"n{n2}"), difference=abs(a - b))
 
 
 def _more_calibration(arms: Arms) -> Optional[Outcome]:
@@ -129,7 +149,8 @@ def _more_calibration(arms: Arms) -> Optional[Outcome]:
     if len(done) < 2:
         return None
     (n1, a), (n2, b) = done[0], done[-1]
-    return Outcome(b < a, f"n={n1}: {a:.3f}, n={n2}: {b:.3f}", reversal_margin([b, a]), PRUNED)
+    return Outcome(b < a, f"n={n1}: {a:.3f}, n={n2}: {b:.3f}", reversal_margin([b, a]), PRUNED,
+                   (f"n{n1}", f"n{n2}"))
 
 
 def _flip(arms: Arms) -> Optional[Outcome]:
@@ -142,8 +163,31 @@ def _flip(arms: Arms) -> Optional[Outcome]:
     evidence = (f"after pruning width {w['pruned_loss']:.3f} / depth {d['pruned_loss']:.3f}; "
                 f"after distillation width {w['loss']:.3f} / depth {d['loss']:.3f}")
     if d["pruned_loss"] < w["pruned_loss"]:  # decided by the order after retraining
-        return Outcome(held, evidence, reversal_margin([w["loss"], d["loss"]]))
-    return Outcome(held, evidence, reversal_margin([d["pruned_loss"], w["pruned_loss"]]), PRUNED)
+        return Outcome(held, evidence, reversal_margin([w["loss"], d["loss"]]),
+                       compared=("width", "depth"))
+    return Outcome(held, evidence, reversal_margin([d["pruned_loss"], w["pruned_loss"]]), PRUNED,
+                   ("width", "depth"))
+
+
+def _equal_params(rule: Callable[[Arms], Optional[Outcome]]) -> Callable[[Arms],
+                                                                        Optional[Outcome]]:
+    """Width against depth only at equal total parameters: both arms' totals in the evidence,
+    and "not comparable" when they differ by more than one of the depth arm's (the teacher's)
+    layers."""
+    def wrapped(arms):
+        out = rule(arms)
+        if out is None:
+            return None
+        w, d = arms["width"], arms["depth"]
+        layer = d.get("layer_params") or \
+            d["params_non_embedding"] / d["architecture"]["num_layers"]
+        gap = abs(w["params"] - d["params"])
+        evidence = (f"{out.evidence} (total params: width {w['params'] / 1e6:.1f}M, depth "
+                    f"{d['params'] / 1e6:.1f}M)")
+        problem = None if gap <= layer else (
+            f"the totals differ by {gap / 1e6:.1f}M, more than one layer ({layer / 1e6:.2f}M)")
+        return replace(out, evidence=evidence, not_comparable=problem)
+    return wrapped
 
 
 def _loss_beats_cosine(arms: Arms) -> Optional[Outcome]:
@@ -153,7 +197,7 @@ def _loss_beats_cosine(arms: Arms) -> Optional[Outcome]:
         return None
     return Outcome(min(vals[:2]) < vals[2], f"loss {vals[0]:.3f}, block {vals[1]:.3f}, "
                    f"cosine {vals[2]:.3f}", reversal_margin([min(vals[:2]), vals[2]]),
-                   _kind(arms, names, "loss"))
+                   _kind(arms, names, "loss"), tuple(names))
 
 
 CLAIMS = [
@@ -164,9 +208,9 @@ CLAIMS = [
     Claim(2, "The same order holds after a short distillation.",
           _order(["activation", "magnitude", "random"], "loss")),
     Claim(3, "Width pruning beats depth pruning at equal parameters after distillation.",
-          _order(["width", "depth"], "loss")),
+          _equal_params(_order(["width", "depth"], "loss"))),
     Claim(3, "The order flips with retraining: depth ahead right after pruning, width after "
-             "distillation.", _flip),
+             "distillation.", _equal_params(_flip)),
     Claim(4, "Loss-based layer importance (single layer or contiguous block) beats cosine.",
           _loss_beats_cosine),
     Claim(4, "Dropping the best contiguous block beats dropping the lowest-scored single "
@@ -205,24 +249,77 @@ def seed_spread(done: Dict[int, Arms]) -> Dict[str, float]:
     return out
 
 
-def verdict(outcome: Optional[Outcome], spread: Dict[str, float]) -> str:
+def _field(kind: str) -> str:
+    return "pruned_loss" if kind == PRUNED else "loss"
+
+
+def judge(outcome: Optional[Outcome], noise: Optional[float]) -> Tuple[str, Optional[float]]:
+    """(verdict, margin) of an outcome against a noise yardstick (None: none measured)."""
     if outcome is None:
-        return "not run"
-    noise = spread.get(outcome.kind)
+        return "not run", None
+    if outcome.not_comparable:
+        return "not comparable", outcome.margin
+    if outcome.difference is not None:  # a claim of equality
+        if noise is None:
+            return "not run", None
+        held = outcome.difference <= noise
+        return ("held" if held else "did not hold"), abs(noise - outcome.difference)
     if outcome.margin is not None and noise is not None and outcome.margin < noise:
-        return "within noise"
-    return "held" if outcome.held else "did not hold"
+        return "within noise", outcome.margin
+    return ("held" if outcome.held else "did not hold"), outcome.margin
 
 
-def evaluate_claims(done: Dict[int, Arms]) -> List[Dict]:
-    """One record per claim: ablation, claim, verdict, evidence, margin, the spread it met."""
+def _mean(records: List[Dict]) -> Dict:
+    """The first record with its losses replaced by their means over the records."""
+    out = dict(records[0])
+    for f in ("loss", "pruned_loss"):
+        out[f] = sum(r[f] for r in records) / len(records)
+    return out
+
+
+def _over_seeds(claim: Claim, first: Outcome, arms: Arms, reps: Dict[str, List[Dict]],
+                seeds: int) -> Dict:
+    """The claim judged on the means over seeds of its compared arms, against the larger of
+    their seed ranges; "not run" until every compared arm has `seeds` finished runs."""
+    runs = {n: [arms[n]] + reps.get(n, []) for n in first.compared}
+    lean = "held" if first.held else "did not hold"
+    if any(len(v) < seeds for v in runs.values()):
+        missing = [n for n, v in runs.items() if len(v) < seeds]
+        return {"verdict": "not run", "evidence": f"one seed: {first.evidence}, within noise "
+                f"(leans {lean}); the seed replicates of {', '.join(missing)} have not run",
+                "leaning": lean}
+    out = claim.rule({n: _mean(v) for n, v in runs.items()})
+    field = _field(out.kind)
+    noise = max(max(r[field] for r in v) - min(r[field] for r in v) for v in runs.values())
+    verdict, margin = judge(out, noise)
+    per_seed = "; ".join(f"{n} " + " / ".join(f"{r[field]:.3f}" for r in v)
+                         for n, v in runs.items())
+    return {"verdict": verdict, "leaning": "held" if out.held else "did not hold",
+            "evidence": f"means over {seeds} seeds: {out.evidence}; per seed: {per_seed}",
+            "margin": margin, "spread": noise, "seeds": {n: [r[field] for r in v]
+                                                         for n, v in runs.items()}}
+
+
+def evaluate_claims(done: Dict[int, Arms], replicates: Optional[Replicates] = None,
+                    seeds: int = 3) -> List[Dict]:
+    """One record per claim: ablation, claim, verdict, evidence, margin, the spread it met, and
+    `replicate`: the arms to rerun under other seeds (its verdict on one seed was within noise;
+    judged on `seeds` seeds once `replicates` holds them)."""
     spread = seed_spread(done)
     out = []
     for c in CLAIMS:
-        r = c.rule(done.get(c.ablation, {}))
-        out.append({"ablation": c.ablation, "claim": c.text, "verdict": verdict(r, spread),
-                    "evidence": "" if r is None else r.evidence,
-                    "leaning": None if r is None else ("held" if r.held else "did not hold"),
-                    "margin": None if r is None else r.margin,
-                    "spread": None if r is None or r.margin is None else spread.get(r.kind)})
+        arms = done.get(c.ablation, {})
+        r = c.rule(arms)
+        noise = None if r is None else spread.get(r.kind)
+        verdict, margin = judge(r, noise)
+        rec = {"ablation": c.ablation, "claim": c.text, "verdict": verdict,
+               "evidence": "" if r is None else r.evidence,
+               "leaning": None if r is None else ("held" if r.held else "did not hold"),
+               "margin": margin, "spread": None if margin is None else noise, "replicate": []}
+        if r is not None and r.not_comparable:
+            rec["evidence"] += f"; not comparable: {r.not_comparable}"
+        if verdict == "within noise":
+            rec["replicate"] = list(r.compared)
+            rec.update(_over_seeds(c, r, arms, (replicates or {}).get(c.ablation, {}), seeds))
+        out.append(rec)
     return out

@@ -55,8 +55,9 @@ class BudgetSizes:
     """What shrinks between budgets besides the base config (arms dropped say so in the report)."""
 
     depth_layers: int
-    """Layers kept by the depth arms: half the teacher's, so equal in parameters to the width
-    arms at pipeline.param_fraction=0.5 (every layer holds the same parameters)."""
+    """Layers kept by the depth-metric arms (ablation 4): half the teacher's, half its
+    non-embedding parameters. Ablation 3's depth arm keeps instead as many layers as give the
+    width arm's total parameters, embeddings included (ablations.equal_total_layers)."""
     kept_heads: int
     """Query heads kept by the head-pruning arms (a multiple of the groups that survive)."""
     calibration: List[int]
@@ -78,7 +79,10 @@ class BudgetSizes:
     pruning only)."""
     seeds: List[int] = field(default_factory=lambda: [2, 3])
     """runtime.seed of the extra runs of the default student (ablation 10): other calibration
-    samples and another training order, scored on the same held-out batches."""
+    samples and another training order, scored on the same held-out batches. Also the seeds of
+    the replicates that every arm compared by a claim within noise gets (a second pass of the
+    study), so such a claim is judged on 1 + len(seeds) seeds: 3 for quick and full; tiny has
+    one extra seed, so its replicates (plumbing only) judge on 2."""
 
 
 _ALL_AGG = [[s, b] for s in ("mean", "l2", "var") for b in ("mean", "l2", "var")]
@@ -88,7 +92,8 @@ SIZES = {
                         aggregations=[["mean", "l2"], ["l2", "mean"]], scratch_factor=2,
                         scratch_points=2, hidden_pairs=[[2, 2], [4, 4]],
                         note="plumbing only: a random 4-layer teacher, 2 distillation steps; "
-                        "the numbers mean nothing", distill_after_prune=[], seeds=[2]),
+                        "the numbers mean nothing; one extra seed, so claims within noise are "
+                        "judged on 2 seeds, not 3", distill_after_prune=[], seeds=[2]),
     "quick": BudgetSizes(depth_layers=15, kept_heads=6, calibration=[16, 64, 256],
                          depth_samples=16,
                          aggregations=_ALL_AGG,

@@ -9,7 +9,8 @@ def _bars(res: Dict, field: str, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = [(a, [r for r in a["arms"] if r["status"] == "done" and r.get(field) is not None
-                   and (field == "pruned_loss" or r["retrain"] != "none")])
+                   and (field == "pruned_loss" or r["retrain"] != "none")
+                   and not r.get("replicate_of")])  # one bar per arm: its first seed
               for a in res["ablations"]]
     groups = [(a, rows) for a, rows in groups if rows]
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(3.2 * max(len(groups), 1), 3.6),

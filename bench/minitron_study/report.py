@@ -9,27 +9,19 @@ from minitron_study.ablations import build_ablations
 from minitron_study.claims import evaluate_claims, tokens_to_match
 from minitron_study.config import StudyConfig
 from minitron_study.plots import write_plots
-from minitron_study.runner import arm_path, finished, read_arm
+from minitron_study.runner import arm_rows, done_arms, read_arm
 
 
 def collect(study: StudyConfig) -> Dict:
     teacher = read_arm(Path(study.study_dir) / "teacher.json")
-    ablations = []
-    for abl in build_ablations(study.sizes):
-        arms = []
-        for a in abl.arms:
-            rec = read_arm(arm_path(study, abl, a))  # finished earlier counts, selected or not
-            if rec["status"] == "done" and not finished(rec, a):
-                rec = {"status": "not run (its result is from an older definition)"}
-            arms.append({**rec, "arm": a.name, "overrides": list(a.overrides),
-                         "retrain": a.retrain})
-        ablations.append({"number": abl.number, "key": abl.key, "title": abl.title,
-                          "question": abl.question, "arms": arms})
-    done = {a["number"]: {r["arm"]: r for r in a["arms"] if r["status"] == "done"}
-            for a in ablations}
+    ablations = [{"number": abl.number, "key": abl.key, "title": abl.title,
+                  "question": abl.question, "arms": arm_rows(study, abl)}
+                 for abl in build_ablations(study.sizes, teacher.get("depth_layers"))]
+    done, reps = done_arms({a["number"]: a["arms"] for a in ablations})
     return {"budget": study.budget, "note": study.sizes.note, "study_dir": study.study_dir,
-            "teacher": teacher,
-            "ablations": ablations, "claims": evaluate_claims(done)}
+            "teacher": teacher, "seeds": 1 + len(study.sizes.seeds),
+            "ablations": ablations, "claims": evaluate_claims(done, reps,
+                                                              1 + len(study.sizes.seeds))}
 
 
 def _num(v, fmt: str) -> str:
@@ -82,11 +74,14 @@ def markdown(res: Dict) -> str:
     t = res["teacher"]
     lines = [f"# The Minitron study at small scale ({res['budget']} budget)", "",
              "Written by `bench/study.py` from the arm results under "
-             f"`{res['study_dir']}/arms/`; do not edit by hand. Loss is the mean next-token "
-             "cross entropy (nats) on the same held-out validation batches for every model; "
-             "lower is better. One seed per arm; ablation 10 reruns the default student with other "
-             "seeds, and a verdict that a change smaller than that spread would reverse is "
-             "reported as within noise. "
+             f"`{res['study_dir']}/arms/`; do not edit below the marker line by hand. Loss is "
+             "the mean next-token cross entropy (nats) on the same held-out validation batches "
+             "for every model; lower is better. One seed per arm at first; ablation 10 reruns "
+             "the default student with other seeds, and a claim that a change smaller than that "
+             f"spread would reverse is rerun on {res['seeds']} seeds (every arm it compares, "
+             "rows `<arm>_seed<n>`) and judged on each arm's mean over the seeds against the "
+             "larger of those arms' seed ranges; it is within noise if the means still differ "
+             "by less. "
              "Compute seconds: the recorded time of every stage an arm used (scoring, pruning, "
              "retraining, evaluation; the teacher's import excluded), whether it ran for this "
              "arm or was shared with another.", ""]
@@ -98,19 +93,27 @@ def markdown(res: Dict) -> str:
     verdicts = [c["verdict"] for c in res["claims"]]
     lines += ["## Which of the papers' claims held here", "",
               f"{verdicts.count('held')} held, {verdicts.count('did not hold')} did not hold, "
-              f"{verdicts.count('within noise')} within noise (one seed cannot tell), "
-              f"{verdicts.count('not run')} not run (an arm they need has no finished result). "
+              f"{verdicts.count('within noise')} within noise ({res['seeds']} seeds cannot "
+              f"tell), {verdicts.count('not comparable')} not comparable (the compared arms "
+              "differ in size), "
+              f"{verdicts.count('not run')} not run (an arm they need, or its seed replicates, "
+              "has no finished result). "
               "Each verdict is a rule evaluated on the numbers below "
-              "(bench/minitron_study/claims.py). Margin: how far one compared loss would "
-              "have to move to reverse the verdict; seed spread: the range of the default "
-              "student's loss over seeds (ablation 10), right after pruning or after "
-              "retraining, whichever the claim compares.", "",
+              "(bench/minitron_study/claims.py). Margin: how far one compared loss (or mean "
+              "over seeds) would have to move to reverse the verdict; seed spread: the range of "
+              "the default student's loss over seeds (ablation 10), right after pruning or after "
+              "retraining, whichever the claim compares, or for a claim judged over seeds the "
+              "larger of its compared arms' ranges. A claim of equal losses (calibration "
+              "stability) holds when they differ by no more than the seed spread; width and "
+              "depth are compared only at total parameters within one layer of each other.", "",
               "| ablation | claim | verdict | evidence (loss) | margin | seed spread |",
               "|---|---|---|---|---|---|"]
     for c in res["claims"]:
         shown = c["verdict"]
         if shown == "within noise":
             shown += f" (leans {c['leaning']})"
+        if c.get("seeds"):
+            shown += f", {res['seeds']} seeds"
         lines.append(f"| {c['ablation']} | {c['claim']} | **{shown}** | {c['evidence']} | "
                      f"{_num(c['margin'], '.3f')} | {_num(c['spread'], '.3f')} |")
     lines += ["", "![loss after pruning](study_pruned.png)", "",
@@ -123,17 +126,31 @@ def markdown(res: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STUDY_MARKER = "<!-- study: generated by bench/study.py below this line -->"
+"""RESULTS.md keeps everything above this line (hand-written sections, e.g. the distillation
+defaults of issue 15) when the study rewrites the file; a file without it is written whole, the
+marker at its top."""
 KEPT_MARKER = "<!-- sections below are written by hand (with their commands); study.py keeps them -->"
-"""RESULTS.md keeps everything from this line on when the study rewrites the file (sections
-whose figures come from other benches, e.g. the distillation recipe of issue 15)."""
+"""RESULTS.md also keeps everything from this line on, after the generated text (sections whose
+figures come from other benches)."""
 
 
-def kept_tail(path: Path) -> str:
-    """The hand-written tail of an existing RESULTS.md (from KEPT_MARKER), or ""."""
+def kept_head(path: Path) -> str:
+    """The hand-written head of an existing RESULTS.md (up to STUDY_MARKER), or ""."""
     if not path.is_file():
         return ""
     text = path.read_text()
-    at = text.find(KEPT_MARKER)
+    at = text.find(STUDY_MARKER)
+    return "" if at < 0 else text[:at]
+
+
+def kept_tail(path: Path) -> str:
+    """The hand-written tail of an existing RESULTS.md (from the first KEPT_MARKER after
+    STUDY_MARKER), or ""."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    at = text.find(KEPT_MARKER, max(text.find(STUDY_MARKER), 0))
     return "" if at < 0 else "\n" + text[at:]
 
 
@@ -144,5 +161,5 @@ def write_report(study: StudyConfig) -> Path:
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     write_plots(res, out)
     path = out / "RESULTS.md"
-    path.write_text(markdown(res) + kept_tail(path))
+    path.write_text(kept_head(path) + STUDY_MARKER + "\n\n" + markdown(res) + kept_tail(path))
     return path
