@@ -7,7 +7,10 @@ that tells a result from noise, resumable, reported.
 
 Study keys (bench/minitron_study/config.py): budget, dir, docs_dir, ablations. Any other
 key=value is a Hydra override of the base config (conf/experiment/study_<budget>.yaml) for every
-arm. Rerunning the same command skips finished arms and shared work; docs/RESULTS.md and
+arm. After every arm has run once, a second pass reruns the arms compared by each claim that one
+seed left within noise under the budget's other seeds (runtime.seed 2 and 3; tiny: 2 only), and
+that claim is judged over the seeds. Rerunning the same command skips finished arms and shared
+work; docs/RESULTS.md (below its study marker line: the text above it is kept) and
 docs/results.json are rewritten after every arm."""
 
 import dataclasses

@@ -229,7 +229,7 @@ def test_replicates_are_selected_for_the_arms_of_claims_within_noise():
     assert names == [(6, "kd_seed2"), (6, "kd_seed3"), (6, "ce_seed2"), (6, "ce_seed3"),
                      (6, "kd_t2_seed2"), (6, "kd_t2_seed3"), (3, "width_seed2"),
                      (3, "width_seed3"), (3, "depth_seed2"), (3, "depth_seed3")]
-    depth = dict(names_arm for names_arm in ((a.name, a) for _, a in picked))["depth_seed3"]
+    depth = {arm.name: arm for _, arm in picked}["depth_seed3"]
     assert depth.overrides[0] == "prune.target.num_layers=12"
     assert depth.overrides[-1] == "runtime.seed=3" and depth.retrain == "kd"
     # only the selected ablations get their replicates

@@ -169,6 +169,10 @@ def _flip(arms: Arms) -> Optional[Outcome]:
                    ("width", "depth"))
 
 
+def _params(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{int(n):,}"
+
+
 def _equal_params(rule: Callable[[Arms], Optional[Outcome]]) -> Callable[[Arms],
                                                                         Optional[Outcome]]:
     """Width against depth only at equal total parameters: both arms' totals in the evidence,
@@ -182,10 +186,10 @@ def _equal_params(rule: Callable[[Arms], Optional[Outcome]]) -> Callable[[Arms],
         layer = d.get("layer_params") or \
             d["params_non_embedding"] / d["architecture"]["num_layers"]
         gap = abs(w["params"] - d["params"])
-        evidence = (f"{out.evidence} (total params: width {w['params'] / 1e6:.1f}M, depth "
-                    f"{d['params'] / 1e6:.1f}M)")
+        evidence = (f"{out.evidence} (total params: width {_params(w['params'])}, depth "
+                    f"{_params(d['params'])})")
         problem = None if gap <= layer else (
-            f"the totals differ by {gap / 1e6:.1f}M, more than one layer ({layer / 1e6:.2f}M)")
+            f"the totals differ by {_params(gap)}, more than one layer ({_params(layer)})")
         return replace(out, evidence=evidence, not_comparable=problem)
     return wrapped
 

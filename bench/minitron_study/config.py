@@ -16,7 +16,8 @@ class StudyConfig:
 
     budget: str = "quick"
     """"tiny": the smoke model, plumbing only (tests); "quick": SmolLM2-135M, under an hour on a
-    2-core CPU; "full": the issue's sizes, for a GPU."""
+    2-core CPU for the first pass (the seed replicates of claims within noise come on top);
+    "full": the issue's sizes, for a GPU."""
     dir: Optional[str] = None
     """Study folder (shared artifacts and one JSON per finished arm). None: runs/study_<budget>."""
     docs_dir: Optional[str] = None
