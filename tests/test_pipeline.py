@@ -123,6 +123,15 @@ def test_iterative_pipeline_reaches_the_target_in_rounds(tmp_path):
     assert sizes[0] > sizes[1]
     assert 0.4 < sizes[1] / teacher.num_parameters(False) <= 0.5
     assert (tmp_path / "distill_2" / "stage.json").is_file()
+    # the last round ends at the architecture one round would prune to
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.pipeline.run import final_model, round_configs
+
+    one_shot = final_model(teacher, round_configs(load_config(["experiment=smoke"]), teacher))
+    final = read_header(str(tmp_path / "prune_2" / "checkpoint")).model
+    assert final.num_parameters() == one_shot.num_parameters()
+    assert (final.hidden_size, final.ffn_hidden_size) == (one_shot.hidden_size,
+                                                          one_shot.ffn_hidden_size)
 
 
 def test_iterative_rounds_end_at_the_one_shot_architecture():
