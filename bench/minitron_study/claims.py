@@ -298,8 +298,10 @@ def _over_seeds(claim: Claim, first: Outcome, arms: Arms, reps: Dict[str, List[D
     verdict, margin = judge(out, noise)
     per_seed = "; ".join(f"{n} " + " / ".join(f"{r[field]:.3f}" for r in v)
                          for n, v in runs.items())
+    order = "/".join(str(r.get("seed", "base")) for r in next(iter(runs.values())))
     return {"verdict": verdict, "leaning": "held" if out.held else "did not hold",
-            "evidence": f"means over {seeds} seeds: {out.evidence}; per seed: {per_seed}",
+            "evidence": f"means over {seeds} seeds: {out.evidence}; per seed ({order}): "
+                        f"{per_seed}",
             "margin": margin, "spread": noise, "seeds": {n: [r[field] for r in v]
                                                          for n, v in runs.items()}}
 

@@ -114,8 +114,9 @@ def run_study(study: StudyConfig, on_progress=None) -> None:
         ablations = [a for a in every if a.number in study.ablations]
         # prune-only ablations first: cheap, so an interrupted run has finished as many as it can
         ablations.sort(key=lambda a: any(arm.retrain != "none" for arm in a.arms))
-        run = lambda abl, arm: _run_once(art, study, abl, arm, teacher, base, rank,  # noqa: E731
-                                         on_progress)
+        def run(abl: Ablation, arm: Arm) -> None:
+            _run_once(art, study, abl, arm, teacher, base, rank, on_progress)
+
         for abl in ablations:
             for arm in abl.arms:
                 run(abl, arm)
