@@ -11,7 +11,7 @@ arm. After every arm has run once, a second pass reruns the arms compared by eac
 seed left within noise under the budget's other seeds (runtime.seed 2 and 3; tiny: 2 only), and
 that claim is judged over the seeds. Rerunning the same command skips finished arms and shared
 work; docs/RESULTS.md (below its study marker line: the text above it is kept) and
-docs/results.json are rewritten after every arm."""
+docs/results.json are rewritten after every arm, the plots at the end."""
 
 import dataclasses
 import sys
@@ -36,7 +36,7 @@ def parse(argv) -> StudyConfig:
 
 def main(argv) -> None:
     study = parse(argv)
-    run_study(study, on_progress=lambda: write_report(study))
+    run_study(study, on_progress=lambda: write_report(study, plots=False))
     print(f"study: wrote {write_report(study)}", flush=True)
 
 

@@ -154,12 +154,15 @@ def kept_tail(path: Path) -> str:
     return "" if at < 0 else "\n" + text[at:]
 
 
-def write_report(study: StudyConfig) -> Path:
+def write_report(study: StudyConfig, plots: bool = True) -> Path:
+    """RESULTS.md and results.json; the plots too unless `plots` is false (after every arm the
+    text only: drawing them costs about a second, more than a tiny arm)."""
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = collect(study)
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    write_plots(res, out)
+    if plots:
+        write_plots(res, out)
     path = out / "RESULTS.md"
     path.write_text(kept_head(path) + STUDY_MARKER + "\n\n" + markdown(res) + kept_tail(path))
     return path
