@@ -3,6 +3,7 @@ megatron-core GPTModel (CPU compat layer, gloo, local spec) next to Hugging Face
 LlamaForCausalLM of the same shape, in the same process, interleaved round by round.
 
     python bench/train_step.py [--rounds 8] [--precision fp32|bf16] [--seq 256] [--mbs 4]
+                               [--loop-adam]
 """
 
 import argparse
@@ -21,6 +22,9 @@ def main():
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--loop-adam", action="store_true",
+                    help="also time our step with megatron's AdamW as it comes (per-parameter "
+                    "loop on CPU), to show what the fused kernel (the default) buys")
     args = ap.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,13 +53,23 @@ def main():
             while True:
                 yield batch
 
-    chunks = wrap_ddp(build_model(m, cfg.parallel, cfg.runtime, ctx.device))
-    opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
-    attach_schedule_hooks(chunks, opt)
-    step = LMStep(ctx.device, fused=cfg.train.fused_lm_loss, num_microbatches=1)
-    trainer = Trainer(cfg, ctx, chunks, step, opt, sched, Repeat(),
-                      MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+    def make_trainer(fused_adam: bool):
+        chunks = wrap_ddp(build_model(m, cfg.parallel, cfg.runtime, ctx.device))
+        opt, sched = build_optimizer(chunks, cfg.train.optimizer, cfg.train)
+        if not fused_adam:  # megatron's torch AdamW as it comes: the per-parameter loop
+            for group in opt.optimizer.param_groups:
+                group["fused"], group["foreach"] = None, None
+        attach_schedule_hooks(chunks, opt)
+        step = LMStep(ctx.device, fused=cfg.train.fused_lm_loss, num_microbatches=1)
+        return Trainer(cfg, ctx, chunks, step, opt, sched, Repeat(),
+                       MetricsWriter("/tmp", cfg.logger, False), lambda s: None)
+
+    trainer = make_trainer(True)
     it = Repeat().train_iterator(0)
+    variants = {"minitron": lambda: trainer.train_step(it)}
+    if args.loop_adam:
+        loop_trainer = make_trainer(False)
+        variants["minitron, loop AdamW"] = lambda: loop_trainer.train_step(it)
 
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size,
@@ -76,15 +90,18 @@ def main():
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    times = interleaved({"minitron": lambda: trainer.train_step(it), "hf": hf_step}, args.rounds)
+    times = interleaved(dict(variants, hf=hf_step), args.rounds)
     tokens = args.mbs * args.seq
     nparams = sum(p.numel() for p in hf.parameters())
     print(f"model: {nparams / 1e6:.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
           f"batch {args.mbs}x{args.seq}, {args.precision}, threads {torch.get_num_threads()}")
     for k, ts in times.items():
         ts_sorted = sorted(ts)
-        print(f"{k:>9}: {tokens / ts_sorted[len(ts) // 2]:9.0f} tokens/s (median step "
+        print(f"{k:>20}: {tokens / ts_sorted[len(ts) // 2]:9.0f} tokens/s (median step "
               f"{ts_sorted[len(ts) // 2] * 1e3:.1f} ms)")
+    if args.loop_adam:
+        print("tokens/s ratio fused AdamW / loop AdamW (ours): "
+              f"{ratio_summary(times['minitron, loop AdamW'], times['minitron'])}")
     print(f"tokens/s ratio minitron / hf: {ratio_summary(times['hf'], times['minitron'])}")
 
 
