@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hf_fixtures import convert_all
+from hf_fixtures import assert_same_weights, convert_all, random_hf_model
 import torch
 
 from cli_process import minitron
@@ -56,18 +56,8 @@ GEMMA = {"gemma": "sqrt(hidden_size)", "gemma2": "soft-capping",
 
 
 def _make_hf(name: str, folder: Path):
-    import transformers
-
     model_type, fields = FAMILIES[name]
-    torch.manual_seed(sorted(FAMILIES).index(name) + 10)
-    config = transformers.AutoConfig.for_model(model_type, **fields)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.normal_(0, 0.05)
-            if "norm" in pname:
-                p.add_(1.0)
-    model.save_pretrained(str(folder))
+    model = random_hf_model(model_type, fields, sorted(FAMILIES).index(name) + 10, folder)
     _write_tokenizer(folder, 250)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2"}))  # data's eod
     return model
@@ -117,16 +107,13 @@ def test_qwen3_config_and_export_rules():
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_round_trip_bit_exact(converted, name, tmp_path):
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from megatron_minitron.checkpoint.dist import read_header
 
     hf_dir, ckpt, _, _ = converted[name]
     out = mcore_to_hf(str(ckpt), str(tmp_path / "hf"), dtype="float32")
-    before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(hf_dir, out)
     c0, c1 = (json.loads((d / "config.json").read_text()) for d in (hf_dir, out))
     assert {k: c0.get(k) for k in ARCH_FIELDS} == {k: c1.get(k) for k in ARCH_FIELDS}
     assert c0.get("sliding_window") == c1.get("sliding_window")

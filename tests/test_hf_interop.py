@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
+from hf_fixtures import assert_same_weights, random_hf_model
 from megatron_minitron.checkpoint import hf_keymap as keymap
 from megatron_minitron.checkpoint.hf import hf_export_problem, hf_to_mcore, mcore_to_hf
 from megatron_minitron.config.errors import ConfigError
@@ -46,17 +47,8 @@ def _write_tokenizer(folder: Path, size: int) -> None:
 
 
 def _make_hf(family: str, folder: Path):
-    import transformers
-
-    torch.manual_seed({"llama": 1, "mistral": 2, "qwen2": 3}[family])
-    config = transformers.AutoConfig.for_model(family, **FAMILIES[family])
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.05)
-            if "norm" in name:
-                p.add_(1.0)
-    model.save_pretrained(str(folder))
+    seed = {"llama": 1, "mistral": 2, "qwen2": 3}[family]
+    model = random_hf_model(family, FAMILIES[family], seed, folder)
     _write_tokenizer(folder, 250)
     return model
 
@@ -196,14 +188,11 @@ def test_parity_tp2_pp2(converted, tp, pp, families):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_round_trip_hf_mcore_hf(converted, family, tmp_path):
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_dir, ckpt, _, _ = converted[family]
     out = mcore_to_hf(str(ckpt), str(tmp_path / "hf"), dtype="float32")
-    before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(hf_dir, out)
     c0, c1 = json.loads((hf_dir / "config.json").read_text()), json.loads(
         (out / "config.json").read_text())
     assert {k: c0.get(k) for k in ARCH_FIELDS} == {k: c1.get(k) for k in ARCH_FIELDS}
@@ -217,7 +206,6 @@ def test_round_trip_hf_mcore_hf(converted, family, tmp_path):
 
 def test_sharded_safetensors_import(converted, tmp_path):
     """model.safetensors.index.json + shards import to the same tensors as the single file."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     hf_dir = converted["llama"][0]
@@ -227,8 +215,7 @@ def test_sharded_safetensors_import(converted, tmp_path):
     assert (sharded / "model.safetensors.index.json").is_file()
     ckpt = hf_to_mcore(str(sharded), str(tmp_path / "ckpt"))
     out = mcore_to_hf(str(ckpt), str(tmp_path / "hf"), dtype="float32")
-    before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(hf_dir, out)
 
 
 def test_hf_export_problem():

@@ -5,7 +5,7 @@ by name."""
 import json
 
 import pytest
-from hf_fixtures import convert_all
+from hf_fixtures import assert_same_weights, convert_all, random_hf_model
 import torch
 
 from distributed import run_distributed
@@ -38,19 +38,8 @@ if "qwen3" in keymap.ARCHITECTURES:  # q/k norms: the dense Qwen3 map (issue 16'
 
 
 def _make_hf(name: str, folder):
-    import transformers
-
     model_type, fields = FAMILIES[name]
-    torch.manual_seed(sorted(FAMILIES).index(name) + 10)
-    config = transformers.AutoConfig.for_model(model_type, **fields)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.normal_(0, 0.1)
-            if "norm" in pname:
-                p.add_(1.0)
-    model.save_pretrained(str(folder))
-    return model
+    return random_hf_model(model_type, fields, sorted(FAMILIES).index(name) + 10, folder, std=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +120,11 @@ def test_parity_ep2_tp2_pp2(converted, tp, pp, ep):
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "qwen2_moe_norm"])
 def test_round_trip_hf_mcore_hf(converted, name, tmp_path):
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     hf_dir, ckpt, ids, hf_logits = converted[name]
     out = mcore_to_hf(str(ckpt), str(tmp_path / "hf"), dtype="float32")
-    before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(hf_dir, out)
     c0, c1 = (json.loads((d / "config.json").read_text()) for d in (hf_dir, out))
     experts = [c.get("num_local_experts") or c.get("num_experts") for c in (c0, c1)]
     assert experts[0] == experts[1] == 4
