@@ -33,6 +33,7 @@ STAGES = {  # name: candidate overrides of the recipe
     "cosine": [{"decay": "constant", "warmup": 0}, {"decay": "cosine", "warmup": 0}],
     "small_batch": [{"mbs": 4, "gbs": 4}, {"mbs": 2, "gbs": 2}],
     "lr_low": [{"lr": 3e-4}, {"lr": 1e-4}],
+    "lr_mid": [{"lr": 3e-4}, {"lr": 5e-4}],
     "schedule": [{"decay": "constant", "warmup": 0}, {"decay": "cosine", "warmup": 0},
                  {"decay": "cosine", "warmup": 2}],
     "T": [{"T": 1.0}, {"T": 2.0}],

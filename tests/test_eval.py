@@ -192,6 +192,20 @@ def test_heldout_windows_predict_every_token_once_and_split_over_dp():
         heldout_batches(tok, "x", SEQ, MBS)
 
 
+def test_same_samples_ignores_micro_batching_only():
+    """What lets the pipeline's eval stage score a validation set once for both files."""
+    from megatron_minitron.data.tokenizer import ByteTokenizer
+    from megatron_minitron.eval.perplexity import heldout_batches
+    from megatron_minitron.eval.suite import same_samples
+
+    tok = ByteTokenizer()
+    a = heldout_batches(tok, TEXT, SEQ, 2, num_samples=4)
+    assert same_samples(a, heldout_batches(tok, TEXT, SEQ, 4, num_samples=4))
+    assert not same_samples(a, heldout_batches(tok, TEXT, SEQ, 2, num_samples=2))
+    assert not same_samples(a, heldout_batches(tok, TEXT[1:], SEQ, 2, num_samples=4))
+    assert not same_samples(a, [])
+
+
 def test_eval_config_composes_and_names_bad_fields():
     from megatron_minitron.config.loader import load_config
 

@@ -89,6 +89,49 @@ def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(smoke, tmp_pa
         {p: t for p, t in before.items() if p.parent.name != "report"}
 
 
+def _rerun_eval(run, *extra):
+    p = minitron("pipeline", "experiment=smoke", f"run.dir={run}", "pipeline.force=[eval]",
+                 *extra)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return err
+
+
+def test_eval_reuses_the_scores_of_checkpoints_it_scored_before(smoke):
+    """The eval stage's cache (eval/score_cache.py): a forced rerun finds all three
+    checkpoints scored (the smoke run wrote them) and writes the same eval files; a damaged
+    entry is scored again and rewritten; eval.cache=false scores everything again."""
+    from megatron_minitron.config.data import DataConfig
+
+    run, _ = smoke
+    files = [run / "eval" / n for n in ("eval_models.json", "models.json")]
+    before = [f.read_text() for f in files]
+    err = _rerun_eval(run)
+    for name in ("teacher", "pruned", "distilled"):
+        assert f"the {name} checkpoint was scored before" in err
+    assert [f.read_text() for f in files] == before
+
+    root = Path(DataConfig().cache_dir).expanduser() / "eval_scores"
+    ours = [e for e in root.glob("*.json")
+            if str(run) in json.loads(e.read_text())["checkpoint"]]
+    pruned = [e for e in ours if "prune" in json.loads(e.read_text())["checkpoint"]]
+    assert len(pruned) == 1
+    pruned[0].write_text("{not json")
+    err = _rerun_eval(run)
+    assert "the pruned checkpoint was scored before" not in err
+    assert "the teacher checkpoint was scored before" in err
+    assert json.loads(pruned[0].read_text())["scores"]["suite"]["tasks"]
+
+    err = _rerun_eval(run, "eval.cache=false")
+    assert "scored before" not in err
+    after = [json.loads(f.read_text()) for f in files]
+    for a, b in zip(after, (json.loads(t) for t in before)):
+        assert a.keys() == b.keys()
+    models = after[1]
+    assert models["teacher"]["loss"] == pytest.approx(json.loads(before[1])["teacher"]["loss"],
+                                                      rel=1e-6)
+
+
 def test_kill_during_distillation_then_rerun_gives_the_same_final_metrics(smoke, tmp_path):
     run, _ = smoke
     killed = tmp_path / "killed"

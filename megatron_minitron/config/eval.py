@@ -40,6 +40,10 @@ class EvalConfig:
     """Few-shot examples per lm-eval prompt (None: each task's default)."""
     max_gen_toks: int = 32
     """Most tokens greedy generation adds for generate_until tasks that do not say."""
+    cache: bool = True
+    """`minitron pipeline`'s eval stage: reuse the scores of a checkpoint scored before with
+    the same file hashes, settings and code (eval/score_cache.py; in data.cache_dir), as the
+    teacher is in every rerun. false: always score again."""
 
     def __post_init__(self):
         bad = [s for s in self.splits if s not in EVAL_SPLITS]

@@ -21,7 +21,7 @@ import dataclasses
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.schema import MinitronConfig
@@ -52,9 +52,13 @@ def perplexity_sets(cfg: MinitronConfig, tok, ctx) -> Dict[str, List[Any]]:
     return sets
 
 
-def evaluate_run(cfg: MinitronConfig, checkpoint: str, tok, ctx) -> Dict[str, Any]:
-    """Load the checkpoint once for this layout; perplexity on every set, then lm-eval tasks.
-    Collective; every rank returns the same dict."""
+def evaluate_run(cfg: MinitronConfig, checkpoint: str, tok, ctx,
+                 sets: Optional[Dict[str, List[Any]]] = None,
+                 also: Optional[List[Any]] = None) -> Dict[str, Any]:
+    """Load the checkpoint once for this layout; perplexity on every set (`sets`: the ones
+    perplexity_sets gives, made once by a caller scoring several checkpoints), then lm-eval
+    tasks. `also`: more batches scored on the loaded model, their EvalResult under the key
+    "also" (not part of eval.json). Collective; every rank returns the same dict."""
     from megatron_minitron.checkpoint.dist import load, resolve
     from megatron_minitron.eval.perplexity import evaluate
     from megatron_minitron.models.builder import build_model
@@ -70,8 +74,13 @@ def evaluate_run(cfg: MinitronConfig, checkpoint: str, tok, ctx) -> Dict[str, An
         "params": model.num_parameters(include_embeddings=True),
         "params_non_embedding": model.num_parameters(include_embeddings=False),
         "seq_length": cfg.data.seq_length, "perplexity": {}}
-    for name, batches in perplexity_sets(cfg, tok, ctx).items():
+    sets = perplexity_sets(cfg, tok, ctx) if sets is None else sets
+    for name, batches in sets.items():
         out["perplexity"][name] = dataclasses.asdict(evaluate(chunks, batches, ctx))
+    if also is not None:
+        same = _shared_set(sets, also, ctx)
+        out["also"] = (dict(out["perplexity"][same]) if same is not None
+                       else dataclasses.asdict(evaluate(chunks, also, ctx)))
     if cfg.eval.tasks:
         from megatron_minitron.eval.lm_eval_adapter import MinitronLM, run_tasks
 
@@ -81,6 +90,36 @@ def evaluate_run(cfg: MinitronConfig, checkpoint: str, tok, ctx) -> Dict[str, An
         out["tasks"] = run_tasks(lm, ev.tasks, ev.task_paths, ev.limit, ev.num_fewshot,
                                  cfg.runtime.seed)
     return out
+
+
+def _shared_set(sets: Dict[str, List[Any]], batches: List[Any], ctx) -> Optional[str]:
+    """The set scoring the same samples as batches on every rank, else None (one answer for
+    all ranks: a rank that scored alone would hang the others)."""
+    import torch
+
+    from megatron_minitron.runtime.collectives import all_reduce_sum
+
+    for name, b in sets.items():
+        differs = torch.tensor([0.0 if same_samples(b, batches) else 1.0])
+        all_reduce_sum([differs], ctx)
+        if differs.item() == 0:
+            return name
+    return None
+
+
+def same_samples(a: List[Any], b: List[Any]) -> bool:
+    """Whether two batch lists score the same tokens (micro-batching aside): a sum over the
+    same samples, so one pass gives both losses."""
+    import torch
+
+    def flat(batches, key):
+        return torch.cat([x[key].reshape(-1) for x in batches]) if batches else None
+
+    for key in ("tokens", "labels", "loss_mask"):
+        x, y = flat(a, key), flat(b, key)
+        if x is None or y is None or x.shape != y.shape or not torch.equal(x, y):
+            return False
+    return True
 
 
 def write_eval_json(result: Dict[str, Any], folder: str) -> Path:

@@ -204,35 +204,55 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
     (out/models.json); with eval.tasks, also the `minitron eval` suite (perplexity sets and
     lm-eval-harness tasks) on every checkpoint, so that the report sets the teacher beside
     the pruned and distilled students (out/eval_models.json), the last one, the final
-    student, also as out/eval.json."""
+    student, also as out/eval.json. Each checkpoint is loaded once, a validation set that the
+    suite scores anyway is not scored twice, and with eval.cache a checkpoint scored before
+    under the same settings (the teacher, in every rerun) is not scored again."""
+    from megatron_minitron.eval import score_cache
     from megatron_minitron.eval.perplexity import (checkpoint_tokenizer, evaluate_checkpoint,
                                                    split_batches)
-    from megatron_minitron.eval.suite import EVAL_MODELS, evaluate_run, write_eval_json
+    from megatron_minitron.eval.suite import (EVAL_MODELS, evaluate_run, perplexity_sets,
+                                              write_eval_json)
+    from megatron_minitron.runtime.device import say_once
     from megatron_minitron.runtime.distributed import process_groups
     from megatron_minitron.runtime.progress import Progress
 
     for path in checkpoints.values():
         ckpt.verified(path, "checkpoint.load", cfg.checkpoint.verify)
+    results, suites = {}, {}
     with process_groups(cfg.parallel, cfg.runtime) as ctx:
-        # one step per model, and one per model for the eval suite: the time left is an estimate
-        bar = Progress(len(checkpoints) * (1 + int(bool(cfg.eval.tasks))), 0,
-                       cfg.logger.progress_bar and ctx.rank == 0, "eval models")
+        # one step per model: the time left is an estimate
+        bar = Progress(len(checkpoints), 0, cfg.logger.progress_bar and ctx.rank == 0,
+                       "eval models")
         try:
             tok = checkpoint_tokenizer(next(iter(checkpoints.values())))
             batches = split_batches(cfg.data, tok, "valid", cfg.pipeline.eval_samples,
                                     cfg.train.micro_batch_size, ctx, cfg.runtime.seed)
-            results = {}
+            sets = perplexity_sets(cfg, tok, ctx) if cfg.eval.tasks else None
             for name, path in checkpoints.items():
-                r = evaluate_checkpoint(path, batches, ctx, cfg.runtime, cfg.parallel)
-                results[name] = {"params": ckpt.read_header(path).model.num_parameters(),
-                                 "loss": r.loss, "perplexity": r.perplexity,
-                                 "eval_tokens": r.tokens}
-                bar.update(bar.completed + 1, {name: r.loss})
-            suites = {}
-            for name, path in checkpoints.items() if cfg.eval.tasks else ():
                 model_cfg = dataclasses.replace(cfg, model=ckpt.read_header(path).model)
-                suites[name] = evaluate_run(model_cfg, path, tok, ctx)
-                bar.update(bar.completed + 1)
+                key = score_cache.cache_key(model_cfg, path, ctx.device) \
+                    if cfg.eval.cache else None
+                scored = score_cache.read(cfg, key)
+                if scored is not None:
+                    say_once(f"minitron: eval: the {name} checkpoint was scored before with the "
+                             f"same files, settings and code; its scores come from "
+                             f"{score_cache.entry_path(cfg, key)} (eval.cache=false scores "
+                             "it again)")
+                elif cfg.eval.tasks:
+                    suite = evaluate_run(model_cfg, path, tok, ctx, sets, also=batches)
+                    scored = {"models": suite.pop("also"), "suite": suite}
+                else:
+                    r = evaluate_checkpoint(path, batches, ctx, cfg.runtime, cfg.parallel)
+                    scored = {"models": dataclasses.asdict(r)}
+                score_cache.write(cfg, key, path, scored)
+                r = scored["models"]
+                results[name] = {"params": model_cfg.model.num_parameters(),
+                                 "loss": r["loss"], "perplexity": r["perplexity"],
+                                 "eval_tokens": r["tokens"]}
+                if "suite" in scored:
+                    suites[name] = dict(scored["suite"], checkpoint=str(
+                        ckpt.resolve(path).resolve()))
+                bar.update(bar.completed + 1, {name: r["loss"]})
         finally:
             bar.close()
     if ctx.rank == 0:
