@@ -176,6 +176,34 @@ def test_checkpoint_without_hashes_loads_unverified(saved, tmp_path, capsys):
     assert "unverified" in capsys.readouterr().err
 
 
+def test_content_digest_names_the_tensors_not_the_save(saved, tmp_path):
+    """What keys the eval stage's score cache: two saves of the same tensors match (torch DCP's
+    .metadata records the folder, a random save id and its entries in thread order)."""
+    import pickle
+
+    from megatron_minitron.checkpoint import dist as ckpt
+
+    steps = saved / "checkpoints"
+    digests = {ckpt.content_digest(str(steps / f"step_000000{i}")) for i in (1, 2, 3)}
+    assert len(digests) == 3 and None not in digests
+    copy = tmp_path / "copy"
+    shutil.copytree(steps / "step_0000003", copy)
+    meta_path = copy / ckpt.DCP_METADATA
+    meta = pickle.loads(meta_path.read_bytes())
+    meta.storage_meta.save_id = "another-save"
+    meta.storage_meta.checkpoint_id = str(copy)
+    meta.storage_data = dict(reversed(list(meta.storage_data.items())))
+    meta_path.write_bytes(pickle.dumps(meta))
+    assert ckpt.content_digest(str(copy)) == ckpt.content_digest(str(steps / "step_0000003"))
+    header = json.loads((copy / ckpt.HEADER).read_text())
+    header["step"] = 4
+    (copy / ckpt.HEADER).write_text(json.dumps(header))
+    assert ckpt.content_digest(str(copy)) not in digests
+    del header["files"]
+    (copy / ckpt.HEADER).write_text(json.dumps(header))
+    assert ckpt.content_digest(str(copy)) is None
+
+
 def test_second_writer_is_refused_and_a_killed_holder_does_not_block(tmp_path):
     run = tmp_path / "run"
     first = minitron("train", *FAST, f"run.dir={run}", "train.train_iters=2000")

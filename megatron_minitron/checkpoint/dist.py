@@ -92,6 +92,39 @@ def read_header(path: str, field: str = "checkpoint.load") -> CheckpointHeader:
     return parse_header(p, field)
 
 
+DCP_METADATA = ".metadata"
+
+
+def content_digest(path: str) -> Optional[str]:
+    """A digest of what the checkpoint holds: the same for two saves of the same tensors and
+    header fields, so it can key a cache of results computed from the checkpoint. torch DCP's
+    .metadata names the save's folder and a random save id; only its tensor layout counts.
+    None for a checkpoint that recorded no file hashes (saved before they were)."""
+    import hashlib
+    import pickle
+
+    step = resolve(path)
+    header = read_header(path)
+    if step is None or not header.files:
+        return None
+    parts = {name: f.get(integrity.DIGEST) for name, f in sorted(header.files.items())}
+    if DCP_METADATA in parts:
+        meta = pickle.loads((step / DCP_METADATA).read_bytes())  # our own, verified at load
+        # written by threads: the same entries in any order
+        layout = [sorted(map(repr, d.items())) for d in (
+            meta.state_dict_metadata, meta.storage_data, meta.planner_data or {})]
+        parts[DCP_METADATA] = hashlib.sha256(repr(layout).encode()).hexdigest()
+    head = dataclasses.asdict(header)
+    head.pop("files")
+    where = head["tokenizer"].pop("path", None)  # a tokenizer folder beside the steps: its files
+    if where and Path(where).is_dir():
+        parts["tokenizer"] = integrity.hash_files(Path(where), "")
+    elif where:
+        head["tokenizer"]["path"] = where
+    return hashlib.sha256(json.dumps([parts, head], sort_keys=True, default=str)
+                          .encode()).hexdigest()
+
+
 def parse_header(step: Path, field: str = "checkpoint.load") -> CheckpointHeader:
     try:
         return CheckpointHeader.from_json((step / HEADER).read_text())

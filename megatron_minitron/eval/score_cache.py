@@ -6,8 +6,9 @@ student) is the same checkpoint run after run, so its scores are too: a rerun of
 another distillation recipe need not score the teacher again. The key is everything the scores
 depend on:
 
-  * the checkpoint's content: the file hashes its header recorded at save (a checkpoint saved
-    before hashes were recorded is never cached), its architecture and tokenizer;
+  * the checkpoint's content (checkpoint.dist.content_digest: the file hashes its header
+    recorded at save, and the header; a checkpoint saved before hashes were recorded is never
+    cached);
   * the eval settings (eval.*, the run's data, seed, layout) and pipeline.eval_samples with
     the micro-batch size that models.json uses;
   * the resolved device, precision and implementations, torch / megatron-core / lm-eval
@@ -62,13 +63,12 @@ def _versions() -> Dict[str, str]:
 
 def cache_key(cfg: MinitronConfig, checkpoint: str, device: torch.device) -> Optional[str]:
     """The key of this checkpoint's scores under cfg, or None when it cannot be cached."""
-    from megatron_minitron.checkpoint.dist import read_header
-    from megatron_minitron.checkpoint.integrity import DIGEST
+    from megatron_minitron.checkpoint.dist import content_digest
     from megatron_minitron.runtime.device import (resolve_attention_impl, resolve_precision,
                                                   resolve_transformer_impl)
 
-    header = read_header(checkpoint)
-    if not header.files:
+    content = content_digest(checkpoint)
+    if content is None:
         return None
     ev = dataclasses.asdict(cfg.eval)
     for where in ("checkpoint", "output"):  # where, not what: they do not change a score
@@ -77,8 +77,7 @@ def cache_key(cfg: MinitronConfig, checkpoint: str, device: torch.device) -> Opt
     data.pop("num_workers")
     spec = {
         "format": FORMAT,
-        "files": {name: f.get(DIGEST) for name, f in sorted(header.files.items())},
-        "model": dataclasses.asdict(header.model), "tokenizer": header.tokenizer,
+        "checkpoint": content,
         "eval": ev, "data": data, "seed": cfg.runtime.seed,
         "models_json": [cfg.pipeline.eval_samples, cfg.train.micro_batch_size],
         "parallel": dataclasses.asdict(cfg.parallel),
