@@ -32,8 +32,10 @@ STAGES = {  # name: candidate overrides of the recipe
     "lr3": [{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}],
     "cosine": [{"decay": "constant", "warmup": 0}, {"decay": "cosine", "warmup": 0}],
     "small_batch": [{"mbs": 4, "gbs": 4}, {"mbs": 2, "gbs": 2}],
+    "tiny_batch": [{"mbs": 2, "gbs": 2}, {"mbs": 1, "gbs": 1}],
     "lr_low": [{"lr": 3e-4}, {"lr": 1e-4}],
     "lr_mid": [{"lr": 3e-4}, {"lr": 5e-4}],
+    "axes": [{}, {"axes": "depth"}, {"axes": "hidden_size,ffn_hidden_size,num_attention_heads"}],
     "schedule": [{"decay": "constant", "warmup": 0}, {"decay": "cosine", "warmup": 0},
                  {"decay": "cosine", "warmup": 2}],
     "T": [{"T": 1.0}, {"T": 2.0}],
@@ -81,7 +83,7 @@ def main(argv):
             for t in texts:
                 p = [math.exp(r["losses"]["select"][t]) for r in runs]
                 cells += f"{sum(p) / len(p):>8.2f} [{min(p):.1f}-{max(p):.1f}]".rjust(22)
-            label = ",".join(f"{a}={b}" for a, b in point.items())
+            label = ",".join(f"{a}={b}" for a, b in point.items()) or "(kept)"
             print(f"{stage:<9}{label:<34}{cells}{mean:>8.4f} [{min(per_seed):.3f}-"
                   f"{max(per_seed):.3f}]", flush=True)
             scored.append((mean, point))

@@ -10,7 +10,10 @@ Arms, each trained on `tokens` demo-corpus tokens (the same samples in the same 
 given seed: the seed sets data order and any random init):
 
     ours        our student + `minitron distill` with the recipe under test (the knobs mbs, gbs,
-                lr, min_lr_ratio, decay, warmup, kd, ce, T; default: RECIPE below)
+                lr, min_lr_ratio, decay, warmup, kd, ce, T; default: RECIPE below); the
+                recipe key "axes" (bench/recipe_sweep.py's axes stage) prunes other axes
+                to the same non-embedding budget first: "depth" (15 of 30 layers by layer
+                cosine) or a comma list of prune.budget_axes
     manual      our student + `minitron distill`, 4 x 256 per step, constant lr 3e-4, no warmup
     demo        our student + `minitron distill` with the demo's recipe before issue 15
                 (8 x 256 per step, lr 1e-3 cosine to 1e-4, 5 warmup steps)
@@ -200,7 +203,8 @@ def run_arm(arm: str, recipe: dict, k: dict, seed: int, fixtures, wins_all) -> d
         from megatron_minitron.checkpoint.hf import mcore_to_hf
         from megatron_minitron.training.lm import distill
 
-        distill(_config(run_dir, ours, teacher, recipe, k["tokens"], seed))
+        distill(_config(run_dir, student_for(recipe, k["work"], ours), teacher, recipe,
+                        k["tokens"], seed))
         model_dir = str(run_dir / "hf")
         mcore_to_hf(str(run_dir / "checkpoints"), model_dir, dtype="float32")
     train_s = time.perf_counter() - start
@@ -210,6 +214,19 @@ def run_arm(arm: str, recipe: dict, k: dict, seed: int, fixtures, wins_all) -> d
     out.write_text(json.dumps(result, indent=1))
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def student_for(recipe: dict, work: str, ours: str) -> str:
+    """Our pruned student for this recipe: `ours` (hidden + ffn), or the same non-embedding
+    budget over recipe["axes"]."""
+    axes = recipe.get("axes")
+    if axes is None:
+        return ours
+    if axes == "depth":
+        # 15 layers hold half the layers' parameters and half a final norm more than half
+        return smollm2.pruned_checkpoint(work, "activation", fraction=0.501,
+                                         budget_axes=["num_layers"], depth_metric="cosine")
+    return smollm2.pruned_checkpoint(work, "activation", budget_axes=axes.split(","))
 
 
 def _naive(arm: str, k: dict, seed: int, fixtures, run_dir: Path) -> str:
