@@ -24,7 +24,7 @@ given seed: the seed sets data order and any random init):
 
     python bench/recipe_vs_naive.py [tokens=40960] [seeds=1,2,3] [arms=ours,manual,...]
         [split=report|select] [windows=10] [threads=2] [work=/tmp/minitron_bench_smollm2]
-        [recipe knobs]
+        [recipe knobs] [axes=depth|<budget axes>]
 
 score: which halves each trained student is scored on (select,report: both; a run cached
 with fewer halves is not rescored). threads: torch's intra-op threads of every arm (fp32
@@ -70,7 +70,7 @@ NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ou
 KNOBS = dict({"work": "/tmp/minitron_bench_smollm2", "tokens": 40960, "seeds": "1,2,3",
               "arms": "ours,manual,naive_ref,ce_ref,naive_ours", "split": "report",
               "windows": 10, "threads": 2, "score": "select,report",
-              "starts": "true"}, **RECIPE)
+              "starts": "true", "axes": ""}, **RECIPE)
 
 
 def _key(obj) -> str:
@@ -285,6 +285,8 @@ def main(argv):
     wins_all = {s: windows(tok, k["work"], k["windows"], s) for s in ("select", "report")}
     texts = list(wins_all["select"])
     recipe = {name: k[name] for name in RECIPE}
+    if k["axes"]:  # only when set: the cached runs' keys stay as they were
+        recipe["axes"] = k["axes"]
     seeds = [int(s) for s in k["seeds"].split(",")]
     arms = k["arms"].split(",")
     results = {}
