@@ -10,10 +10,10 @@ Arms, each trained on `tokens` demo-corpus tokens (the same samples in the same 
 given seed: the seed sets data order and any random init):
 
     ours        our student + `minitron distill` with the recipe under test (the knobs mbs, gbs,
-                lr, min_lr_ratio, decay, warmup, kd, ce, T; default: RECIPE below); the
-                recipe key "axes" (bench/recipe_sweep.py's axes stage) prunes other axes
-                to the same non-embedding budget first: "depth" (15 of 30 layers by layer
-                cosine) or a comma list of prune.budget_axes
+                lr, min_lr_ratio, decay, warmup, kd, ce, T, axes; default: CHOSEN below, the
+                demo's); axes prunes to the same non-embedding budget over other axes than
+                hidden + ffn first: "depth" (15 of 30 layers by layer cosine) or a comma
+                list of prune.budget_axes ("width": the hidden + ffn student)
     manual      our student + `minitron distill`, 4 x 256 per step, constant lr 3e-4, no warmup
     demo        our student + `minitron distill` with the demo's recipe before issue 15
                 (8 x 256 per step, lr 1e-3 cosine to 1e-4, 5 warmup steps)
@@ -24,7 +24,7 @@ given seed: the seed sets data order and any random init):
 
     python bench/recipe_vs_naive.py [tokens=40960] [seeds=1,2,3] [arms=ours,manual,...]
         [split=report|select] [windows=10] [threads=2] [work=/tmp/minitron_bench_smollm2]
-        [recipe knobs] [axes=depth|<budget axes>]
+        [recipe knobs] [axes=depth|width|<budget axes>]
 
 score: which halves each trained student is scored on (select,report: both; a run cached
 with fewer halves is not rescored). threads: torch's intra-op threads of every arm (fp32
@@ -60,17 +60,20 @@ from knobs import parse_knobs  # noqa: E402
 SEQ = 256
 RECIPE = {"mbs": 4, "gbs": 4, "lr": 3e-4, "min_lr_ratio": 0.1, "decay": "constant",
           "warmup": 0, "kd": 1.0, "ce": 0.0, "T": 1.0}
-"""The recipe of the `ours` arm by default: issue 15's manual try (4 x 256 per step, constant lr
-3e-4, no warmup, forward KL at T=1); bench/recipe_sweep.py prints a chosen recipe as knobs."""
+"""Issue 15's manual try (4 x 256 per step, constant lr 3e-4, no warmup, forward KL at T=1): the
+`manual` arm and bench/recipe_sweep.py's start. The `ours` arm's default is CHOSEN."""
 NAMED = {"manual": dict(RECIPE, mbs=4, gbs=4, lr=3e-4, decay="constant", warmup=0, kd=1.0,
                         ce=0.0, T=1.0),
          "demo": dict(RECIPE, mbs=4, gbs=8, lr=1e-3, min_lr_ratio=0.1, decay="cosine", warmup=5,
                       kd=1.0, ce=0.0, T=1.0)}
 NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ours", "kd")}
+CHOSEN = dict(RECIPE, mbs=2, gbs=2, axes="depth")
+"""What the sweep chose (docs/RESULTS.md, session 8) and the demo uses: 2 x 256 per step and the
+student pruned to 15 of 30 layers; `axes=width` gives the hidden + ffn student."""
 KNOBS = dict({"work": "/tmp/minitron_bench_smollm2", "tokens": 40960, "seeds": "1,2,3",
               "arms": "ours,manual,naive_ref,ce_ref,naive_ours", "split": "report",
               "windows": 10, "threads": 2, "score": "select,report",
-              "starts": "true", "axes": ""}, **RECIPE)
+              "starts": "true"}, **CHOSEN)
 
 
 def _key(obj) -> str:
@@ -285,7 +288,7 @@ def main(argv):
     wins_all = {s: windows(tok, k["work"], k["windows"], s) for s in ("select", "report")}
     texts = list(wins_all["select"])
     recipe = {name: k[name] for name in RECIPE}
-    if k["axes"]:  # only when set: the cached runs' keys stay as they were
+    if k["axes"] != "width":  # the hidden + ffn student's runs keep the keys they had
         recipe["axes"] = k["axes"]
     seeds = [int(s) for s in k["seeds"].split(",")]
     arms = k["arms"].split(",")
