@@ -206,6 +206,23 @@ def test_same_samples_ignores_micro_batching_only():
     assert not same_samples(a, [])
 
 
+def test_score_cache_ignores_damaged_or_foreign_entries(tmp_path):
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.eval import score_cache
+
+    cfg = load_config([f"data.cache_dir={tmp_path}"])
+    path = score_cache.entry_path(cfg, "k1")
+    assert score_cache.read(cfg, "k1") is None and score_cache.read(cfg, None) is None
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert score_cache.read(cfg, "k1") is None
+    score_cache.write(cfg, "k1", "/ckpt", {"models": {"loss": 1.5}})
+    assert score_cache.read(cfg, "k1") == {"models": {"loss": 1.5}}
+    score_cache.entry_path(cfg, "k2").write_text(path.read_text())  # another key's entry
+    assert score_cache.read(cfg, "k2") is None
+    assert not list(path.parent.glob("*.tmp*"))
+
+
 def test_eval_config_composes_and_names_bad_fields():
     from megatron_minitron.config.loader import load_config
 
