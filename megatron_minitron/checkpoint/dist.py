@@ -103,10 +103,10 @@ def content_digest(path: str) -> Optional[str]:
     import hashlib
     import pickle
 
-    step = resolve(path)
-    header = read_header(path)
-    if step is None or not header.files:
+    header = read_header(path)  # a named error when there is no checkpoint
+    if not header.files:
         return None
+    step = resolve(path)
     parts = {name: f.get(integrity.DIGEST) for name, f in sorted(header.files.items())}
     if DCP_METADATA in parts:
         meta = pickle.loads((step / DCP_METADATA).read_bytes())  # our own, verified at load
