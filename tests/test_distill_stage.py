@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import next_port, run_distributed
 
 BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
         "train.eval_interval=0", "train.eval_iters=1", "logger.backend=none",
@@ -46,11 +46,10 @@ def _jobs(jobs):
     """Several runs in one set of processes (each run initialises and tears down its own
     process groups): spawning and importing megatron is most of a tiny run's time. Each run
     gets its own rendezvous port, so no rank can meet a store left from the previous run."""
-    import os
 
-    port, out = int(os.environ["MASTER_PORT"]), []
-    for i, (kind, *args) in enumerate(jobs):
-        os.environ["MASTER_PORT"] = str(port + 1 + i)
+    out = []
+    for kind, *args in jobs:
+        next_port()
         out.append(_export(*args) if kind == "export" else _run(kind, *args))
     return out
 

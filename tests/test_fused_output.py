@@ -5,7 +5,7 @@ weight, at TP=1 and TP=2, for every divergence, with temperature, CE, masks and 
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import next_port, run_distributed
 from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill.fused_output import fused_logit_distillation_loss
 from megatron_minitron.distill.losses import logit_distillation_loss
@@ -210,7 +210,6 @@ def test_tp2_matches_fp64_reference(tp2_results, i):
 def _step_grads(kind: str, tp: int):
     """main_grad of every student parameter after one schedule step (2 micro-batches), fused
     and unfused, for the LM step or the KD step; numpy, to travel back by value."""
-    import os
 
     from megatron.core import parallel_state as ps
 
@@ -224,9 +223,9 @@ def _step_grads(kind: str, tp: int):
     from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_optimizer,
                                                       wrap_ddp)
 
-    port, out = int(os.environ["MASTER_PORT"]), {}
-    for i, fused in enumerate((True, False)):
-        os.environ["MASTER_PORT"] = str(port + 1 + i)
+    out = {}
+    for fused in (True, False):
+        next_port()
         cfg = load_config([f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=16",
                            "train.micro_batch_size=2", "train.global_batch_size=4",
                            "logger.backend=none", "model.share_embeddings_and_output_weights=true"])

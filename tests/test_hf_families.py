@@ -10,7 +10,7 @@ from hf_fixtures import assert_same_weights, convert_all, random_hf_model
 import torch
 
 from cli_process import minitron
-from distributed import run_distributed
+from distributed import next_port, run_distributed
 from megatron_minitron.checkpoint import hf_keymap as keymap
 from megatron_minitron.checkpoint.hf import hf_to_mcore, mcore_to_hf
 from megatron_minitron.config.errors import ConfigError
@@ -206,25 +206,24 @@ def _compress(root: str, jobs):
     """Spawned, one process: for each (name, checkpoint, HF model_type): activation importance
     on the demo corpus, prune to PRUNE[name], two distillation steps from the unpruned teacher,
     HF export of the pruned and the distilled model, and our TP=1 logits of both."""
-    import os
 
     from megatron_minitron.cli import distill, importance, prune
     from megatron_minitron.runtime.distributed import teardown
 
-    port, out = int(os.environ["MASTER_PORT"]), {}
+    out = {}
     common = [f"data.cache_dir={root}/cache", "data.seq_length=16", "logger.backend=none",
               "logger.progress_bar=false"]
-    for i, (name, ckpt, model_type, ids) in enumerate(jobs):
+    for name, ckpt, model_type, ids in jobs:
         d = f"{root}/{name}"
-        os.environ["MASTER_PORT"] = str(port + 1 + 3 * i)
+        next_port()
         importance.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
                                   "importance.num_samples=4", "importance.micro_batch_size=2",
                                   f"importance.output={d}/scores.safetensors"])
-        os.environ["MASTER_PORT"] = str(port + 2 + 3 * i)
+        next_port()
         prune.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
                              f"prune.scores={d}/scores.safetensors", f"prune.output={d}/pruned"]
                    + [f"prune.target.{k}={v}" for k, v in PRUNE[name].items()])
-        os.environ["MASTER_PORT"] = str(port + 3 + 3 * i)
+        next_port()
         distill.main(common + [f"run.dir={d}/kd", f"checkpoint.load={d}/pruned",
                                f"distill.teacher_checkpoint={ckpt}", "train.train_iters=2",
                                "train.micro_batch_size=2", "train.global_batch_size=2",

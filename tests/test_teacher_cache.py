@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cli_process import minitron
-from distributed import run_distributed
+from distributed import next_port, run_distributed
 
 BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
         "train.eval_interval=0", "train.eval_iters=1", "logger.backend=none",
@@ -33,11 +33,10 @@ def _run(stage, run_dir, overrides):
 
 
 def _jobs(jobs):
-    import os
 
-    port, out = int(os.environ["MASTER_PORT"]), []
-    for i, job in enumerate(jobs):
-        os.environ["MASTER_PORT"] = str(port + 1 + i)
+    out = []
+    for job in jobs:
+        next_port()
         out.append(_run(*job))
     return out
 
