@@ -71,6 +71,24 @@ def _by_value(result) -> bytes:
     return buf.getvalue()
 
 
+def _kill_tree(p) -> None:
+    """Kill a worker and what it started: a megatron async-save Manager server outlives a
+    killed worker and would hold the test run's output open."""
+    import psutil
+
+    try:
+        children = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    p.kill()
+    p.join()
+    for c in children:
+        try:
+            c.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 600):
     """fn(*args) on world_size gloo ranks; returns [result of rank 0, rank 1, ...].
 
@@ -113,8 +131,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600):
         for p in procs:
             p.join(timeout=60 if not errors else 5)
             if p.is_alive():
-                p.kill()
-                p.join()
+                _kill_tree(p)
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]

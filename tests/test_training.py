@@ -32,48 +32,6 @@ def _train(run_dir, overrides):
     return None
 
 
-def _layouts():
-    return {"tp1": (1, []), "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
-            "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]), "dp2": (2, [])}
-
-
-def test_same_loss_at_tp1_tp2_pp2_dp2(tmp_path):
-    init = tmp_path / "init"
-    run_distributed(_train, 1, str(init), ["train.train_iters=1"])
-    curves = {}
-    for name, (world, extra) in _layouts().items():
-        curves[name] = run_distributed(
-            _train, world, str(tmp_path / name),
-            extra + ["train.train_iters=3", f"checkpoint.load={init}/checkpoints"])[0]
-    ref = curves["tp1"]
-    assert len(ref) == 3
-    for name, curve in curves.items():
-        for (s1, l1), (s2, l2) in zip(ref, curve):
-            assert s1 == s2
-            assert l2 == pytest.approx(l1, rel=1e-5), (name, s1)
-
-
-def test_resume_continues_the_same_curve(tmp_path):
-    full = run_distributed(_train, 1, str(tmp_path / "full"), ["train.train_iters=6"])[0]
-    part = tmp_path / "part"
-    run_distributed(_train, 1, str(part), ["train.train_iters=6", "train.exit_after_iters=4"])
-    resumed = run_distributed(_train, 1, str(part), ["train.train_iters=6"])[0]
-    assert [s for s, _ in resumed] == list(range(1, 7))
-    for (s1, l1), (s2, l2) in zip(full, resumed):
-        assert l1 == l2, s1
-
-
-def test_bf16_tracks_fp32(tmp_path):
-    init = tmp_path / "init"
-    run_distributed(_train, 1, str(init), ["train.train_iters=1"])
-    load = [f"checkpoint.load={init}/checkpoints", "train.train_iters=3"]
-    fp32 = run_distributed(_train, 1, str(tmp_path / "fp32"), load)[0]
-    bf16 = run_distributed(_train, 1, str(tmp_path / "bf16"), load + ["runtime.precision=bf16"])[0]
-    for (_, a), (_, b) in zip(fp32, bf16):
-        assert b == pytest.approx(a, rel=2e-2)
-    assert fp32 != bf16  # bf16 really ran in bf16
-
-
 def _train_adam(run_dir, overrides, fused):
     """_train with torch's fused AdamW (the default) or its per-parameter loop; also returns
     every AdamW param group's `fused` flag after the run (a resume included)."""
@@ -99,22 +57,87 @@ def _train_adam(run_dir, overrides, fused):
     return curve, flags
 
 
-def test_adamw_is_fused_and_updates_like_the_loop(tmp_path):
-    fused, flags = run_distributed(_train_adam, 1, str(tmp_path / "fused"),
-                                   ["train.train_iters=4"], True)[0]
-    loop, loop_flags = run_distributed(_train_adam, 1, str(tmp_path / "loop"),
-                                       ["train.train_iters=4"], False)[0]
+def _jobs(root, jobs):
+    """Several runs in one set of processes, in order, each on its own rendezvous port:
+    spawning and importing megatron is most of a tiny run's time. {name: result}."""
+    from distributed import next_port
+
+    out = {}
+    for name, overrides, *adam in jobs:
+        next_port()
+        run_dir = f"{root}/{name.split('@')[0]}"
+        try:
+            out[name] = (_train_adam(run_dir, overrides, *adam) if adam
+                         else _train(run_dir, overrides))
+        except Exception as e:
+            raise RuntimeError(f"run {name!r} failed") from e
+    return out
+
+
+LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2"],
+           "pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": []}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run of this module: the one-process ones in one process, then the two-rank
+    layouts. {name: rank 0's result}; "x@2" is a second run in x's folder."""
+    root = str(tmp_path_factory.mktemp("training"))
+    init = [f"checkpoint.load={root}/init/checkpoints", "train.train_iters=3"]
+    one = run_distributed(_jobs, 1, root, [
+        ("init", ["train.train_iters=1"]),
+        ("tp1", init),
+        ("bf16", init + ["runtime.precision=bf16"]),
+        ("full", ["train.train_iters=6"]),
+        ("part", ["train.train_iters=6", "train.exit_after_iters=4"]),
+        ("part@2", ["train.train_iters=6"]),
+        ("fused", ["train.train_iters=4"], True),
+        ("loop", ["train.train_iters=4"], False),
+        ("adam_part", ["train.train_iters=4", "train.exit_after_iters=2"], False),
+        ("adam_part@2", ["train.train_iters=4"], True)])[0]
+    # each layout in its own pair of processes: a PP=2 load after a TP=2 run in the same
+    # processes sees rank 1's layers as replicas (megatron-core state that teardown keeps)
+    two = {name: run_distributed(_jobs, 2, root, [(name, extra + init)])[0][name]
+           for name, extra in LAYOUTS.items()}
+    return {**one, **two}
+
+
+def test_same_loss_at_tp1_tp2_pp2_dp2(runs):
+    ref = runs["tp1"]
+    assert len(ref) == 3
+    for name in ["tp1", *LAYOUTS]:
+        curve = runs[name]
+        assert [s for s, _ in curve] == [1, 2, 3], name
+        for (s1, l1), (s2, l2) in zip(ref, curve):
+            assert l2 == pytest.approx(l1, rel=1e-5), (name, s1)
+
+
+def test_resume_continues_the_same_curve(runs):
+    full, resumed = runs["full"], runs["part@2"]
+    assert [s for s, _ in runs["part"]] == list(range(1, 5))
+    assert [s for s, _ in resumed] == list(range(1, 7))
+    for (s1, l1), (s2, l2) in zip(full, resumed):
+        assert l1 == l2, s1
+
+
+def test_bf16_tracks_fp32(runs):
+    fp32, bf16 = runs["tp1"], runs["bf16"]
+    assert len(bf16) == 3
+    for (_, a), (_, b) in zip(fp32, bf16):
+        assert b == pytest.approx(a, rel=2e-2)
+    assert fp32 != bf16  # bf16 really ran in bf16
+
+
+def test_adamw_is_fused_and_updates_like_the_loop(runs):
+    (fused, flags), (loop, loop_flags) = runs["fused"], runs["loop"]
     assert flags and all(f is True for f in flags)
     assert not any(loop_flags)
     assert [s for s, _ in fused] == [s for s, _ in loop] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(fused, loop):
         assert a == pytest.approx(b, rel=1e-5)
     # a resume loads the saver's param_groups: they are switched to the fused kernel again
-    part = tmp_path / "part"
-    run_distributed(_train_adam, 1, str(part), ["train.train_iters=4", "train.exit_after_iters=2"],
-                    False)
-    resumed, resumed_flags = run_distributed(_train_adam, 1, str(part), ["train.train_iters=4"],
-                                             True)[0]
+    resumed, resumed_flags = runs["adam_part@2"]
     assert resumed_flags and all(f is True for f in resumed_flags)
+    assert [s for s, _ in resumed] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(loop[2:], resumed[2:]):
         assert a == pytest.approx(b, rel=1e-5)
