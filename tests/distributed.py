@@ -2,50 +2,60 @@
 
 import os
 import queue as queue_mod
+import shutil
 import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-PORTS_PER_RUN = 32
 # after one rank fails, how long the others get to report before they are killed: a rank
 # whose peer died can wait on a collective or a store for its whole timeout
 GRACE_AFTER_ERROR_S = 30
+PORT_WAIT_S = 300
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports the OS had free, all held at once so none repeats."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def next_port() -> int:
-    """In a worker: move MASTER_PORT to the next port the parent picked, for the next run of
-    several in one set of processes. Each run gets a port the OS handed out as free, never
-    port + i: that can be a socket the previous run's gloo pairs still hold."""
-    ports = os.environ["MINITRON_TEST_PORTS"].split(",")
-    if not ports[0]:
-        raise RuntimeError(f"more than {PORTS_PER_RUN} runs in one run_distributed call")
-    os.environ["MASTER_PORT"], rest = ports[0], ports[1:]
-    os.environ["MINITRON_TEST_PORTS"] = ",".join(rest)
+    """In a worker, right before a run: a fresh rendezvous port for it. Rank 0 asks the OS for
+    a free one and leaves it in the call's folder; the other ranks read it there. Picked this
+    late, the port has seconds, not minutes, in which another test's process (pytest runs two
+    workers) or a previous run's gloo pair can take it."""
+    import time
+
+    n = int(os.environ.get("MINITRON_TEST_RUNS", "0"))
+    os.environ["MINITRON_TEST_RUNS"] = str(n + 1)
+    path = os.path.join(os.environ["MINITRON_TEST_RDZV"], f"port{n}")
+    if os.environ["RANK"] == "0":
+        with open(path + ".tmp", "w") as f:
+            f.write(str(_free_port()))
+        os.replace(path + ".tmp", path)
+    deadline = time.monotonic() + PORT_WAIT_S
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 left no port for run {n} in {PORT_WAIT_S} s")
+        time.sleep(0.05)
+    with open(path) as f:
+        os.environ["MASTER_PORT"] = f.read()
     return int(os.environ["MASTER_PORT"])
 
 
-def _worker(rank, world_size, ports, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MINITRON_TEST_PORTS=",".join(map(str, ports[1:])))
+def _worker(rank, world_size, rdzv, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), MINITRON_TEST_RDZV=rdzv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
+    # megatron's imports take seconds: made before the first port is picked
+    __import__("megatron.core")
+
     torch.set_num_threads(1)
     try:
+        next_port()
         queue.put((rank, _by_value(fn(*args)), None))
     except BaseException:  # report the traceback to the parent, then fail this process
         queue.put((rank, None, traceback.format_exc()))
@@ -95,12 +105,13 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600):
     A rank's error is raised with its traceback even when another rank hangs waiting for it;
     every worker is gone when this returns or raises (a leftover one would hold the test
     run's output open)."""
+    import tempfile
     import time
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    ports = _free_ports(PORTS_PER_RUN + 1)
-    procs = [ctx.Process(target=_worker, args=(r, world_size, ports, fn, args, queue))
+    rdzv = tempfile.mkdtemp(prefix="minitron_rdzv_")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, rdzv, fn, args, queue))
              for r in range(world_size)]
     results, errors = {}, []
     try:
@@ -132,6 +143,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600):
             p.join(timeout=60 if not errors else 5)
             if p.is_alive():
                 _kill_tree(p)
+        shutil.rmtree(rdzv, ignore_errors=True)
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
