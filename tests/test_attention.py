@@ -35,7 +35,6 @@ def _logits_and_grads(impl, tp):
 
 def _both(tp):
     """Two runs in one set of processes, each on its own rendezvous port."""
-
     out = []
     for impl in "megatron", "sdpa":
         next_port()

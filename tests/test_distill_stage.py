@@ -46,7 +46,6 @@ def _jobs(jobs):
     """Several runs in one set of processes (each run initialises and tears down its own
     process groups): spawning and importing megatron is most of a tiny run's time. Each run
     gets its own rendezvous port, so no rank can meet a store left from the previous run."""
-
     out = []
     for kind, *args in jobs:
         next_port()

@@ -210,7 +210,6 @@ def test_tp2_matches_fp64_reference(tp2_results, i):
 def _step_grads(kind: str, tp: int):
     """main_grad of every student parameter after one schedule step (2 micro-batches), fused
     and unfused, for the LM step or the KD step; numpy, to travel back by value."""
-
     from megatron.core import parallel_state as ps
 
     from megatron_minitron.config.loader import load_config

@@ -206,7 +206,6 @@ def _compress(root: str, jobs):
     """Spawned, one process: for each (name, checkpoint, HF model_type): activation importance
     on the demo corpus, prune to PRUNE[name], two distillation steps from the unpruned teacher,
     HF export of the pruned and the distilled model, and our TP=1 logits of both."""
-
     from megatron_minitron.cli import distill, importance, prune
     from megatron_minitron.runtime.distributed import teardown
 

@@ -33,7 +33,6 @@ def _run(stage, run_dir, overrides):
 
 
 def _jobs(jobs):
-
     out = []
     for job in jobs:
         next_port()

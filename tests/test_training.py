@@ -2,7 +2,7 @@
 
 import pytest
 
-from distributed import run_distributed
+from distributed import next_port, run_distributed
 
 BASE = ["model=tiny", "data.seq_length=32", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.eval_iters=1", "train.eval_interval=0",
@@ -60,8 +60,6 @@ def _train_adam(run_dir, overrides, fused):
 def _jobs(root, jobs):
     """Several runs in one set of processes, in order, each on its own rendezvous port:
     spawning and importing megatron is most of a tiny run's time. {name: result}."""
-    from distributed import next_port
-
     out = {}
     for name, overrides, *adam in jobs:
         next_port()
@@ -96,7 +94,7 @@ def runs(tmp_path_factory):
         ("adam_part", ["train.train_iters=4", "train.exit_after_iters=2"], False),
         ("adam_part@2", ["train.train_iters=4"], True)])[0]
     # each layout in its own pair of processes: a PP=2 load after a TP=2 run in the same
-    # processes sees rank 1's layers as replicas (megatron-core state that teardown keeps)
+    # processes sees rank 1's layers as replicas (some megatron-core state survives teardown(); not yet found)
     two = {name: run_distributed(_jobs, 2, root, [(name, extra + init)])[0][name]
            for name, extra in LAYOUTS.items()}
     return {**one, **two}
