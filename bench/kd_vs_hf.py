@@ -17,7 +17,10 @@ scores (bench/smollm2.py), both made on the spot; the speed comparison holds, th
 mean nothing.
 
 Prints tokens/s (median and range over rounds), peak extra RSS per step (CPU: the kernel's
-high-water mark, reset before each step; GPU: peak allocated), and last the ratio ours / naive.
+high-water mark, reset before each step after glibc's retained free memory is handed back;
+GPU: peak allocated; two untimed steps each after the timed rounds), and last the ratio
+ours / naive. Both steps run in one process, so both get what the process setup gives (our
+runtime's allocator settings included).
 The CPU model and its bf16 flags are printed first: state them with any figure.
 """
 
@@ -26,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from megatron_minitron.runtime.allocator import release_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from knobs import parse_knobs  # noqa: E402
@@ -73,6 +78,10 @@ class PeakMemory:
             fn()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
+        # glibc keeps freed memory mapped for reuse (runtime/allocator.py, set for every
+        # minitron process and so for the naive loop in this one): give it back first, so the
+        # high-water mark counts what the step itself touches
+        release_freed_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -194,17 +203,21 @@ def main():
     def run(name, fn):
         def timed():
             c = time.process_time()
-            peaks[name].append(peak.measure(fn))
+            fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             cpu[name].append(time.process_time() - c)
         return timed
 
-    fns = {"ours": run("ours", lambda: trainer.train_step(it)),
-           "naive": run("naive", lambda: naive_step(tokens_on_device))}
-    times = interleaved(fns, k["rounds"], clock=time.perf_counter)
+    steps = {"ours": lambda: trainer.train_step(it),
+             "naive": lambda: naive_step(tokens_on_device)}
+    times = interleaved({name: run(name, fn) for name, fn in steps.items()}, k["rounds"],
+                        clock=time.perf_counter)
     for name in cpu:  # the warm-up round is not timed
-        cpu[name], peaks[name] = cpu[name][1:], peaks[name][1:]
+        cpu[name] = cpu[name][1:]
+    for _ in range(2):  # memory in steps of their own, after the timed ones
+        for name, fn in steps.items():
+            peaks[name].append(peak.measure(fn))
     tokens = mbs * seq
     print(f"CPU: {cpu_description()}" if device.type == "cpu" else
           f"GPU: {torch.cuda.get_device_name()}")

@@ -1,5 +1,6 @@
-"""runtime.attention_impl=sdpa (models/attention.py) against megatron-core's own
-DotProductAttention: same logits and gradients, at TP=1 and TP=2, with grouped queries."""
+"""runtime.attention_impl=sdpa (models/attention.py, models/rope.py) against megatron-core's
+own DotProductAttention and unfused RoPE: same logits and gradients, at TP=1 and TP=2, with
+grouped queries."""
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ def _logits_and_grads(impl, tp):
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
         gpt = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)[0]
-        attn = type(gpt.decoder.layers[0].self_attention.core_attention).__name__
+        attn = (type(gpt.decoder.layers[0].self_attention.core_attention).__name__,
+                gpt.config.apply_rope_fusion)
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g)
         logits = gpt(tokens, torch.arange(16).expand(2, -1), None)
@@ -46,7 +48,7 @@ def _both(tp):
 def test_sdpa_attention_matches_megatron_attention(tp):
     results = run_distributed(_both, tp, tp)
     for (attn_m, logits_m, grads_m), (attn_s, logits_s, grads_s) in results:
-        assert (attn_m, attn_s) == ("DotProductAttention", "SDPAttention")
+        assert (attn_m, attn_s) == (("DotProductAttention", False), ("SDPAttention", True))
         torch.testing.assert_close(torch.from_numpy(logits_s), torch.from_numpy(logits_m),
                                    atol=2e-5, rtol=1e-4)
         assert grads_s.keys() == grads_m.keys()

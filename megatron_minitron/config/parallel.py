@@ -80,10 +80,12 @@ class RuntimeConfig:
     """Layer spec: "local" (pure PyTorch), "transformer_engine", or "auto" (TE when CUDA and TE
     are both present)."""
     attention_impl: str = "auto"
-    """Core attention of the local layer spec: "sdpa" (torch's scaled_dot_product_attention:
-    flash kernels on CPU and GPU, GQA without repeating key/value heads; models/attention.py),
-    "megatron" (megatron-core's DotProductAttention: scores, mask and softmax as separate
-    passes), or "auto" (sdpa). Transformer-Engine layers use TE's attention either way."""
+    """Attention kernels of the local layer spec: "sdpa" (core attention through torch's
+    scaled_dot_product_attention: flash kernels on CPU and GPU, GQA without repeating key/value
+    heads, models/attention.py; rotary embeddings in four element-wise kernels per pass,
+    models/rope.py), "megatron" (megatron-core's DotProductAttention: scores, mask and softmax
+    as separate passes; its unfused RoPE), or "auto" (sdpa). Transformer-Engine layers use TE's
+    attention either way."""
     precision: str = "auto"
     """"fp32", "bf16" (megatron-core mixed precision: bf16 weights and activations, fp32 main
     weights and grads in the optimizer), or "auto": bf16 where the hardware computes it natively

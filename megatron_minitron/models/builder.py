@@ -57,13 +57,25 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: Ru
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=_own_rope(model, runtime),
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=device_type == "cuda",
         **moe_transformer_kwargs(model, parallel),
     )
+
+
+def _own_rope(model: ModelConfig, runtime: RuntimeConfig) -> bool:
+    """models/rope.py's RoPE as megatron's fused one: the local layer spec with our attention
+    kernels (runtime.attention_impl sdpa), rotary positions, and no Transformer-Engine RoPE
+    already registered (then megatron's unfused path stays, as before)."""
+    if (model.position_embedding_type != "rope" or resolve_attention_impl(runtime) != "sdpa"
+            or resolve_transformer_impl(runtime) != "local"):
+        return False
+    from megatron_minitron.models.rope import install
+
+    return install()
 
 
 def layer_spec(model: ModelConfig, runtime: RuntimeConfig):

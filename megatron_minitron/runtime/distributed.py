@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
 from megatron_minitron.runtime import cpu_compat
+from megatron_minitron.runtime.allocator import keep_freed_memory
 from megatron_minitron.runtime.device import resolve_device
 
 
@@ -80,6 +81,8 @@ def initialize(parallel: ParallelConfig, runtime: RuntimeConfig) -> ParallelCont
     device = resolve_device(runtime)
     if device.type == "cpu" and not torch.cuda.is_available():
         cpu_compat.install()
+    if device.type == "cpu":
+        keep_freed_memory()
     init_process_group(device)
     world = dist.get_world_size()
     parallel.check_world_size(world)
@@ -176,6 +179,8 @@ def process_group_held(runtime: RuntimeConfig):
     device = resolve_device(runtime)
     if device.type == "cpu" and not torch.cuda.is_available():
         cpu_compat.install()
+    if device.type == "cpu":
+        keep_freed_memory()
     init_process_group(device)
     _held = True
     try:

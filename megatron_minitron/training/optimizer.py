@@ -5,16 +5,20 @@ from typing import List, Tuple
 import torch
 
 from megatron_minitron.config.train import OptimizerConfig, TrainConfig
+from megatron_minitron.training.wgrad import fuse_wgrad_accumulation
 
 
 def wrap_ddp(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
-    """megatron-core DistributedDataParallel (fp32 grad buffers, one bucket per chunk)."""
+    """megatron-core DistributedDataParallel (fp32 grad buffers, one bucket per chunk), its
+    linear layers' weight gradients accumulated in place (training/wgrad.py)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)
-    return [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
-                                    disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    wrapped = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+                                       disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    fuse_wgrad_accumulation(wrapped)
+    return wrapped
 
 
 def build_optimizer(chunks: List[torch.nn.Module], cfg: OptimizerConfig, train: TrainConfig):
