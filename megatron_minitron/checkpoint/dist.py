@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.checkpoint import integrity
+from megatron_minitron.checkpoint.write_queue import queue_dies_with_process
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
 from megatron_minitron.runtime.rank import is_rank0
@@ -177,6 +178,7 @@ def save(root: str, step: int, chunks: List[torch.nn.Module], header: Checkpoint
         sd["rng"] = _rng_sharded_object(layout, ranks)
     if scheduler is not None:
         header.extra["scheduler"] = scheduler.state_dict()
+    queue_dies_with_process()  # megatron's writer starts a Manager server on the first save
     dist_checkpointing.save(sd, str(tmp))
     _barrier()
     if rank0:
