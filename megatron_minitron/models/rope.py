@@ -44,9 +44,9 @@ def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...
 def _rotate(x: torch.Tensor, c1, c2, s1, s2, sign: float) -> torch.Tensor:
     """sign +1: the forward rotation; -1: its transpose (the backward). Dims past 2 x half
     (partial rotary) pass through."""
-    half = c1.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x1, x2 = x[..., :half], x[..., half:2 * half]
+    half = c1.shape[-1]  # c*, s*: [s, 1, 1, rot/2]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [s, b, np, hn], contiguous
+    x1, x2 = x[..., :half], x[..., half:2 * half]  # [s, b, np, rot/2] each (strided views)
     o1, o2 = out[..., :half], out[..., half:2 * half]
     # forward: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2; transpose: o1 = x1 c1 + x2 s2, o2 = x2 c2 - x1 s1
     torch.mul(x1, c1, out=o1)
