@@ -7,17 +7,17 @@ it inherited (a `| tee` or a CI step then waits on it).
 
 `queue_dies_with_process()` makes megatron's queue from a Manager server of our own whose
 process asks the kernel to kill it when its parent dies (Linux `PR_SET_PDEATHSIG`). Elsewhere
-(no prctl) megatron's own queue is left in place. The kernel ties the signal to the thread
+(no glibc prctl) megatron's own queue is left in place. The kernel ties the signal to the thread
 that started the server, so it is only set up from the main thread.
 """
 
-import ctypes
-import ctypes.util
 import multiprocessing as mp
 import os
 import signal
 import threading
 from typing import Optional
+
+from megatron_minitron.runtime.allocator import glibc
 
 PR_SET_PDEATHSIG = 1
 _manager = None
@@ -25,18 +25,9 @@ _manager = None
 
 def _die_with_parent(parent_pid: int) -> None:
     """Manager server initializer: SIGKILL when the parent dies (and now, if it already has)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    glibc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)
-
-
-def _has_prctl() -> bool:
-    name = ctypes.util.find_library("c")
-    try:
-        return name is not None and hasattr(ctypes.CDLL(name), "prctl")
-    except OSError:
-        return False
 
 
 def queue_dies_with_process() -> Optional[int]:
@@ -47,7 +38,7 @@ def queue_dies_with_process() -> Optional[int]:
 
     if _manager is not None and filesystem_async._results_queue is not None:
         return _manager._process.pid
-    if (filesystem_async._results_queue is not None or not _has_prctl()
+    if (filesystem_async._results_queue is not None or glibc() is None
             or threading.current_thread() is not threading.main_thread()):
         return None
     from multiprocessing.managers import SyncManager

@@ -16,6 +16,7 @@ Only glibc is tuned (mallopt); another libc, or a preloaded jemalloc/tcmalloc, i
 import ctypes
 import ctypes.util
 import functools
+from typing import Optional
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -23,30 +24,31 @@ KEEP_BYTES = 1 << 30  # allocations up to 1 GiB come from the heap; 1 GiB of fre
 
 
 @functools.lru_cache(maxsize=1)
+def glibc() -> Optional[ctypes.CDLL]:
+    """This process's C library when it is glibc (it has gnu_get_libc_version), else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "gnu_get_libc_version") else None
+
+
+@functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds once per process. True when glibc took both."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = glibc()
+    if libc is None:  # musl, macOS: nothing to tune
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt, gnu_version = libc.mallopt, libc.gnu_get_libc_version
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        return False
-    del gnu_version
-    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                        KEEP_BYTES))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
 
 
 def release_freed_memory() -> bool:
     """Hand the memory glibc keeps for reuse back to the kernel now (malloc_trim), so that the
     resident size is what live tensors use: for memory measurements. True on glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is None:
+    libc = glibc()
+    if libc is None:
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True
