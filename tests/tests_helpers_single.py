@@ -5,7 +5,13 @@ import contextlib
 
 @contextlib.contextmanager
 def single_process(cfg):
-    from megatron_minitron.runtime.distributed import initialize
+    """initialize() for the block, teardown() after it: the default group is destroyed and the
+    CPU layer removed, so a later test starts from a clean process (a CLI stage run in-process
+    after this used to find the group alive and leave the CPU layer installed)."""
+    from megatron_minitron.runtime.distributed import initialize, teardown
 
     ctx = initialize(cfg.parallel, cfg.runtime)
-    yield cfg, ctx
+    try:
+        yield cfg, ctx
+    finally:
+        teardown()
