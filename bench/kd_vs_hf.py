@@ -18,9 +18,11 @@ mean nothing.
 
 Prints tokens/s (median and range over rounds), peak extra RSS per step (CPU: the kernel's
 high-water mark, reset before each step after glibc's retained free memory is handed back;
-GPU: peak allocated; two untimed steps each after the timed rounds), and last the ratio
-ours / naive. Both steps run in one process, so both get what the process setup gives (our
-runtime's allocator settings included).
+GPU: peak allocated; two untimed steps each after the timed rounds), on CPU the time of the
+step's matrix products alone, linear layers and attention, at this machine's speed
+(bench/matmul_floor.py: the most tokens/s any fp32 implementation of the step could reach)
+and each side's share of it, and last the ratio ours / naive. Both steps run in one process,
+so both get what the process setup gives (our runtime's allocator settings included).
 The CPU model and its bf16 flags are printed first: state them with any figure.
 """
 
@@ -34,6 +36,7 @@ from megatron_minitron.runtime.allocator import release_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from knobs import parse_knobs  # noqa: E402
+from matmul_floor import step_floor  # noqa: E402
 from stats import interleaved, ratio_summary  # noqa: E402
 
 WORK = "/tmp/minitron_bench_smollm2"
@@ -162,7 +165,7 @@ def naive(k, teacher_hf: str, student_hf: str, device: torch.device, loss_kind: 
         opt.step()
         return loss
 
-    step.student = student
+    step.student, step.teacher = student, teacher
     return step
 
 
@@ -235,6 +238,16 @@ def main():
     if device.type == "cpu":  # steadier than wall time when other jobs share the cores
         print(f"CPU-time ratio ours / naive (naive CPU s / ours CPU s): "
               f"{ratio_summary(cpu['naive'], cpu['ours'])}")
+    if device.type == "cpu":
+        f = step_floor(naive_step.teacher, naive_step.student, mbs, seq)
+        floor = f["total"]
+        best = {name: tokens / sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+        print(f"matrix products alone (bench/matmul_floor.py, timed here at this step's "
+              f"shapes): linear layers {f['linear']:.2f} s + attention {f['attention']:.2f} s "
+              f"per step = at most {tokens / floor:.0f} tokens/s; ours at "
+              f"{best['ours'] * floor / tokens:.0%} of it, naive at "
+              f"{best['naive'] * floor / tokens:.0%}; 1.5 x naive would be "
+              f"{1.5 * best['naive'] * floor / tokens:.0%}")
     print(f"tokens/s ratio ours / naive: {ratio_summary(times['naive'], times['ours'])}")
 
 

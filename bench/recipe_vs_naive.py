@@ -21,6 +21,9 @@ given seed: the seed sets data order and any random init):
                 at a constant 3e-4, 4 x 256 per step) from the reference student
     ce_ref      (b) the same loop with cross entropy instead of KD, from the reference student
     naive_ours  (c) the naive KD loop from our student
+    naive_depth (c) again from our depth student (15 of 30 layers by layer cosine: the one
+                the `ours` arm's default recipe trains), so that the depth cut and our
+                distillation are told apart
 
     python bench/recipe_vs_naive.py [tokens=40960] [seeds=1,2,3] [arms=ours,manual,...]
         [split=report|select] [windows=10] [threads=2] [work=/tmp/minitron_bench_smollm2]
@@ -66,7 +69,8 @@ NAMED = {"manual": dict(RECIPE, mbs=4, gbs=4, lr=3e-4, decay="constant", warmup=
                         ce=0.0, T=1.0),
          "demo": dict(RECIPE, mbs=4, gbs=8, lr=1e-3, min_lr_ratio=0.1, decay="cosine", warmup=5,
                       kd=1.0, ce=0.0, T=1.0)}
-NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ours", "kd")}
+NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ours", "kd"),
+         "naive_depth": ("depth", "kd")}
 CHOSEN = dict(RECIPE, mbs=2, gbs=2, axes="depth")
 """What the sweep chose (docs/RESULTS.md, session 8) and the demo uses: 2 x 256 per step and the
 student pruned to 15 of 30 layers; `axes=width` gives the hidden + ffn student."""
@@ -83,7 +87,6 @@ def _key(obj) -> str:
 def students(work: str):
     """(teacher ckpt, teacher HF dir, our pruned ckpt, our student HF dir, reference HF dir)."""
     from megatron_minitron.checkpoint.dist import read_header
-    from megatron_minitron.checkpoint.hf import mcore_to_hf
     from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
 
     from reference_prune import reference_prune
@@ -91,9 +94,7 @@ def students(work: str):
     w = Path(work)
     teacher = smollm2.teacher_checkpoint(work)
     ours = smollm2.pruned_checkpoint(work, "activation")
-    ours_hf = w / "hf_student_activation"
-    if not (ours_hf / "config.json").exists():
-        mcore_to_hf(ours, str(ours_hf), dtype="float32")
+    ours_hf = _hf_export(ours, w / "hf_student_activation")
     teacher_hf = str(fetch_smollm2())
     model = read_header(ours).model
     ref_hf = w / f"hf_reference_h{model.hidden_size}_f{model.ffn_hidden_size}"
@@ -101,7 +102,7 @@ def students(work: str):
         reference_prune(teacher_hf, str(ref_hf), model.hidden_size, model.ffn_hidden_size,
                         (b["tokens"] for b in _samples(teacher, smollm2.NUM_SAMPLES,
                                                        smollm2.SEED, 4)))
-    return teacher, teacher_hf, ours, str(ours_hf), str(ref_hf)
+    return teacher, teacher_hf, ours, ours_hf, str(ref_hf)
 
 
 def _samples(teacher_ckpt: str, num: int, seed: int, mbs: int, cfg=None):
@@ -238,8 +239,12 @@ def _naive(arm: str, k: dict, seed: int, fixtures, run_dir: Path) -> str:
 
     teacher, teacher_hf, ours, ours_hf, ref_hf = fixtures
     start_from, loss = NAIVE[arm]
-    step = naive({"precision": "fp32"}, teacher_hf, ref_hf if start_from == "ref" else ours_hf,
-                 torch.device("cpu"), loss_kind=loss, lr=3e-4)
+    student_hf = {"ref": ref_hf, "ours": ours_hf}.get(start_from)
+    if start_from == "depth":
+        student_hf = _hf_export(student_for(CHOSEN, k["work"], ours),
+                                Path(k["work"]) / "hf_student_depth")
+    step = naive({"precision": "fp32"}, teacher_hf, student_hf, torch.device("cpu"),
+                 loss_kind=loss, lr=3e-4)
     recipe = NAMED["manual"]  # 4 x 256 per step: the sample plan of the naive loop
     cfg = _config(run_dir, ours, teacher, recipe, k["tokens"], seed)
     torch.manual_seed(seed)
@@ -247,6 +252,14 @@ def _naive(arm: str, k: dict, seed: int, fixtures, run_dir: Path) -> str:
         step(batch["tokens"])
     step.student.save_pretrained(str(run_dir / "hf"))
     return str(run_dir / "hf")
+
+
+def _hf_export(ckpt: str, folder: Path) -> str:
+    from megatron_minitron.checkpoint.hf import mcore_to_hf
+
+    if not (folder / "config.json").exists():
+        mcore_to_hf(ckpt, str(folder), dtype="float32")
+    return str(folder)
 
 
 def _cached(path: Path, make):
@@ -301,6 +314,9 @@ def main(argv):
                 f"{t} {math.exp(r['losses'][k['split']][t]):.1f}" for t in texts) + "]",
                 flush=True)
     start = {"teacher": fixtures[1], "pruned ours": fixtures[3], "pruned ref": fixtures[4]}
+    if "naive_depth" in arms or recipe.get("axes") == "depth":
+        start["pruned depth"] = _hf_export(student_for(CHOSEN, k["work"], fixtures[2]),
+                                           Path(k["work"]) / "hf_student_depth")
     if k["starts"] != "true":  # starts=false: no rows for the teacher and the pruned students
         start = {}
     base = {name: _cached(Path(k["work"]) / "recipe_runs" / f"start_{name.replace(' ', '_')}_"
