@@ -230,24 +230,24 @@ def main():
           f"({trainer.cfg.model.num_layers} layers, hidden {trainer.cfg.model.hidden_size}, "
           f"ffn {trainer.cfg.model.ffn_hidden_size}), batch {mbs}x{seq} = {tokens} tokens/step, "
           f"{k['precision']}, fused output layer: {k['fused']}, {k['rounds']} rounds")
+    median_tps = {}
     for name, ts in times.items():
         tps = sorted(tokens / t for t in ts)
+        median_tps[name] = tps[len(tps) // 2]
         mem = sorted(peaks[name])[len(peaks[name]) // 2] / 2**20
-        print(f"{name:>6}: {tps[len(tps) // 2]:7.0f} tokens/s (range {tps[0]:.0f}-{tps[-1]:.0f})"
+        print(f"{name:>6}: {median_tps[name]:7.0f} tokens/s (range {tps[0]:.0f}-{tps[-1]:.0f})"
               f", peak extra memory per step {mem:.0f} MiB")
-    if device.type == "cpu":  # steadier than wall time when other jobs share the cores
+    if device.type == "cpu":
+        # CPU time: steadier than wall time when other jobs share the cores
         print(f"CPU-time ratio ours / naive (naive CPU s / ours CPU s): "
               f"{ratio_summary(cpu['naive'], cpu['ours'])}")
-    if device.type == "cpu":
         f = step_floor(naive_step.teacher, naive_step.student, mbs, seq)
-        floor = f["total"]
-        best = {name: tokens / sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+        share = {name: tps * f["total"] / tokens for name, tps in median_tps.items()}
         print(f"matrix products alone (bench/matmul_floor.py, timed here at this step's "
               f"shapes): linear layers {f['linear']:.2f} s + attention {f['attention']:.2f} s "
-              f"per step = at most {tokens / floor:.0f} tokens/s; ours at "
-              f"{best['ours'] * floor / tokens:.0%} of it, naive at "
-              f"{best['naive'] * floor / tokens:.0%}; 1.5 x naive would be "
-              f"{1.5 * best['naive'] * floor / tokens:.0%}")
+              f"per step = at most {tokens / f['total']:.0f} tokens/s; ours at "
+              f"{share['ours']:.0%} of it, naive at {share['naive']:.0%}; 1.5 x naive would "
+              f"be {1.5 * share['naive']:.0%}")
     print(f"tokens/s ratio ours / naive: {ratio_summary(times['naive'], times['ours'])}")
 
 

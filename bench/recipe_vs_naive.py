@@ -239,10 +239,8 @@ def _naive(arm: str, k: dict, seed: int, fixtures, run_dir: Path) -> str:
 
     teacher, teacher_hf, ours, ours_hf, ref_hf = fixtures
     start_from, loss = NAIVE[arm]
-    student_hf = {"ref": ref_hf, "ours": ours_hf}.get(start_from)
-    if start_from == "depth":
-        student_hf = _hf_export(student_for(CHOSEN, k["work"], ours),
-                                Path(k["work"]) / "hf_student_depth")
+    student_hf = depth_student_hf(k["work"], ours) if start_from == "depth" else \
+        {"ref": ref_hf, "ours": ours_hf}[start_from]
     step = naive({"precision": "fp32"}, teacher_hf, student_hf, torch.device("cpu"),
                  loss_kind=loss, lr=3e-4)
     recipe = NAMED["manual"]  # 4 x 256 per step: the sample plan of the naive loop
@@ -252,6 +250,11 @@ def _naive(arm: str, k: dict, seed: int, fixtures, run_dir: Path) -> str:
         step(batch["tokens"])
     step.student.save_pretrained(str(run_dir / "hf"))
     return str(run_dir / "hf")
+
+
+def depth_student_hf(work: str, ours: str) -> str:
+    """The `ours` arm's default student (CHOSEN: depth), exported to Hugging Face once."""
+    return _hf_export(student_for(CHOSEN, work, ours), Path(work) / "hf_student_depth")
 
 
 def _hf_export(ckpt: str, folder: Path) -> str:
@@ -315,8 +318,7 @@ def main(argv):
                 flush=True)
     start = {"teacher": fixtures[1], "pruned ours": fixtures[3], "pruned ref": fixtures[4]}
     if "naive_depth" in arms or recipe.get("axes") == "depth":
-        start["pruned depth"] = _hf_export(student_for(CHOSEN, k["work"], fixtures[2]),
-                                           Path(k["work"]) / "hf_student_depth")
+        start["pruned depth"] = depth_student_hf(k["work"], fixtures[2])
     if k["starts"] != "true":  # starts=false: no rows for the teacher and the pruned students
         start = {}
     base = {name: _cached(Path(k["work"]) / "recipe_runs" / f"start_{name.replace(' ', '_')}_"
