@@ -277,3 +277,34 @@ def test_fused_training_step_equals_unfused(kind, tp):
             for k in ru:
                 torch.testing.assert_close(torch.from_numpy(rf[k]), torch.from_numpy(ru[k]),
                                            atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_out_hands_the_blocks_a_contiguous_gradient():
+    """GPTModel transposes the output layer's result to [b, s]; the fused losses' hidden states
+    keep that layout in memory, and the gradient they hand back reaches the transformer blocks
+    contiguous in megatron's [s, b] layout (a strided one made every linear layer's backward
+    copy its gradient twice)."""
+    from megatron_minitron.config.loader import load_config
+    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.models.output_layer import hidden_states_out
+    from tests_helpers_single import single_process
+
+    with single_process(load_config(["data.seq_length=16"])) as (cfg, ctx):
+        torch.manual_seed(0)
+        gpt = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)[0]
+        ids = torch.randint(0, cfg.model.vocab_size, (3, 16),
+                            generator=torch.Generator().manual_seed(1))
+        pos = torch.arange(16).expand(3, -1)
+        seen = []
+        gpt.decoder.final_layernorm.register_full_backward_hook(
+            lambda module, grad_in, grad_out: seen.append(grad_out[0]))
+        with hidden_states_out(gpt):
+            hidden = gpt(ids, pos, None)
+        assert hidden.shape == (3, 16, cfg.model.hidden_size) and hidden.is_contiguous()
+        with torch.no_grad():
+            ref = gpt.decoder(gpt.embedding(ids, pos), None,
+                              rotary_pos_emb=gpt.rotary_pos_emb(16)).transpose(0, 1)
+        torch.testing.assert_close(hidden, ref)
+        hidden.mul(torch.randn(hidden.shape)).sum().backward()
+        assert len(seen) == 1 and seen[0].shape == (16, 3, cfg.model.hidden_size)
+        assert seen[0].is_contiguous()

@@ -87,3 +87,15 @@ def test_megatron_dispatches_to_it_and_keeps_its_own_path_for_mscale():
 def test_interleaved_is_refused():
     with pytest.raises(NotImplementedError, match="interleaved"):
         rope.apply_rope(torch.zeros(2, 1, 1, 4), _freqs(2, 4), interleaved=True)
+
+
+def test_forward_is_laid_out_for_the_attention_kernel_and_backward_for_megatron():
+    """The rotated query/key come out `[s, b, np, hn]` with `[b, np, s, hn]` memory (what SDPA
+    reads after SDPAttention's permute), their gradient contiguous `[s, b, np, hn]`."""
+    t = torch.randn(7, 2, 3, 8, dtype=torch.float64, requires_grad=True)
+    y = rope.apply_rope(t, _freqs(7, 8))
+    assert y.shape == t.shape and not y.is_contiguous()
+    assert y.permute(1, 2, 0, 3).is_contiguous()
+    torch.testing.assert_close(y, rope_utils._apply_rotary_pos_emb_bshd(t.detach(), _freqs(7, 8)))
+    y.backward(torch.randn(2, 3, 7, 8, dtype=torch.float64).permute(2, 0, 1, 3))
+    assert t.grad.is_contiguous()

@@ -109,7 +109,10 @@ def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: Optional[torch.Te
     kd_scale = temp * temp if cfg.scale_by_temperature_squared else 1.0
     g_ce = None
     if cfg.ce_weight > 0:  # before the divergence, which may overwrite owned logits
-        x = s_raw.to(torch.float32, copy=True)
+        # the vocab-parallel log-softmax overwrites its input (on one rank it makes a new
+        # tensor): copy only when that input is still needed afterwards
+        keep = t_raw is not None or not owned
+        x = s_raw.to(torch.float32, copy=keep and spans_ranks(group))
         per_token, g_ce = divergences.cross_entropy(x, labels, vocab_start, group)
         sums[1] += (per_token * w).sum()
         g_ce.mul_((w * cfg.ce_weight).unsqueeze(-1))

@@ -54,7 +54,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: Ru
         params_dtype=torch.bfloat16 if mcore_bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if mcore_bf16 else torch.float32,
         use_cpu_initialization=device_type != "cuda",
-        bias_activation_fusion=False,
+        bias_activation_fusion=_own_swiglu(model, runtime),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=_own_rope(model, runtime),
@@ -74,6 +74,19 @@ def _own_rope(model: ModelConfig, runtime: RuntimeConfig) -> bool:
             or resolve_transformer_impl(runtime) != "local"):
         return False
     from megatron_minitron.models.rope import install
+
+    return install()
+
+
+def _own_swiglu(model: ModelConfig, runtime: RuntimeConfig) -> bool:
+    """models/swiglu.py's SwiGLU as megatron's fused one (bias_activation_fusion on), under the
+    same conditions as our RoPE: the local spec with runtime.attention_impl sdpa; for a
+    bias-free SwiGLU MLP only (other activations keep megatron's unfused path)."""
+    if (model.activation != "silu" or not model.gated_linear_unit or model.add_bias_linear
+            or resolve_attention_impl(runtime) != "sdpa"
+            or resolve_transformer_impl(runtime) != "local"):
+        return False
+    from megatron_minitron.models.swiglu import install
 
     return install()
 

@@ -16,15 +16,23 @@ def output_weight(gpt) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous. GPTModel transposes the output
-    layer's result ([s, b] -> [b, s]), so the gradient reaching the layer is a strided view,
-    and megatron's _CopyToModelParallelRegion all-reduces `grad.contiguous()` in place: a
-    copy, whose reduced values would be dropped (its own GEMM always hands it a fresh one)."""
+class _BatchFirstLayout(torch.autograd.Function):
+    """Identity on `[s, b, h]` whose result is laid out batch-first in memory, and whose
+    gradient is made contiguous (sequence-first) again in backward.
+
+    GPTModel ends with `output.transpose(0, 1).contiguous()` ([s, b] -> [b, s]). Fed a
+    sequence-first tensor, that copies in forward, and in backward hands on the transposed
+    view of the loss's `[b, s, h]` gradient: a strided tensor that every element-wise op of
+    the block's backward keeps strided (the residual adds, the norms), so that each linear
+    layer's backward copies its gradient twice to make it contiguous (the dgrad matmul, then
+    megatron's wgrad preparation), and under TP megatron's _CopyToModelParallelRegion
+    all-reduces a contiguous copy whose reduced values would be dropped. Here the one copy is
+    made in forward (GPTModel's transpose is then contiguous, its .contiguous() free) and one
+    in backward, at the boundary: the blocks see the layout they made."""
 
     @staticmethod
     def forward(ctx, x):
-        return x.view_as(x)
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -34,16 +42,15 @@ class _ContiguousGrad(torch.autograd.Function):
 def _layer_input(layer, hidden: torch.Tensor) -> torch.Tensor:
     """What ColumnParallelLinear's GEMM reads: under sequence parallelism the sequence shards
     all-gathered (reduce-scattered in backward); under TP the identity whose backward
-    all-reduces the input gradient over the TP group."""
+    all-reduces the input gradient over the TP group. Laid out batch-first (_BatchFirstLayout)."""
     from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                         gather_from_sequence_parallel_region)
 
     if layer.sequence_parallel:
-        return gather_from_sequence_parallel_region(hidden, group=layer.tp_group)
-    if layer.tp_group is not None and layer.tp_group.size() > 1:
-        return _ContiguousGrad.apply(
-            copy_to_tensor_model_parallel_region(hidden, group=layer.tp_group))
-    return hidden
+        hidden = gather_from_sequence_parallel_region(hidden, group=layer.tp_group)
+    elif layer.tp_group is not None and layer.tp_group.size() > 1:
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=layer.tp_group)
+    return _BatchFirstLayout.apply(hidden)
 
 
 @contextmanager

@@ -43,9 +43,17 @@ def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...
 
 def _rotate(x: torch.Tensor, c1, c2, s1, s2, sign: float) -> torch.Tensor:
     """sign +1: the forward rotation; -1: its transpose (the backward). Dims past 2 x half
-    (partial rotary) pass through."""
+    (partial rotary) pass through. Forward writes its `[s, b, np, hn]` result laid out as
+    `[b, np, s, hn]` in memory, the layout the attention kernel reads (SDPA takes
+    `[b, np, s, hn]`; megatron's layout permuted is strided there, and torch's CPU flash
+    kernel runs slower on it); backward's is contiguous `[s, b, np, hn]`, for megatron's
+    QKV gradient."""
     half = c1.shape[-1]  # c*, s*: [s, 1, 1, rot/2]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [s, b, np, hn], contiguous
+    if sign > 0 and x.dim() == 4:
+        sq, b, n, d = x.shape
+        out = torch.empty((b, n, sq, d), dtype=x.dtype, device=x.device).permute(2, 0, 1, 3)
+    else:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous [s, b, np, hn]
     x1, x2 = x[..., :half], x[..., half:2 * half]  # [s, b, np, rot/2] each (strided views)
     o1, o2 = out[..., :half], out[..., half:2 * half]
     # forward: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2; transpose: o1 = x1 c1 + x2 s2, o2 = x2 c2 - x1 s1

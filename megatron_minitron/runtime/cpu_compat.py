@@ -48,23 +48,34 @@ class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA devices to CPU in every torch function call (factories, .to, .cuda)."""
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
+        # Every torch call of the step passes here (thousands per step): the common case (no
+        # device argument, not one of the few functions below) is two lookups and the call.
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None and _is_cuda(device):
+                kwargs = dict(kwargs, device=_CPU)
+        else:
+            kwargs = {}
+        name = getattr(func, "__name__", "")
+        if name not in _SPECIAL:
+            return func(*args, **kwargs)
         if func is torch.autograd.backward or func is torch.Tensor.backward:
             with self:  # the custom Functions' backward() inside it: CUDA devices mapped too
                 return _backward(func, args, kwargs)
-        if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs["device"] = _CPU
-        name = getattr(func, "__name__", "")
         if name == "cuda":  # Tensor.cuda(): already on the CPU
             return args[0]
         if name == "to" and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
-        if name in ("pin_memory",):
+        if name == "pin_memory":
             return args[0]
         if name == "type" and len(args) == 1 and not kwargs:
             # megatron's optimizer asserts param.type() == 'torch.cuda.FloatTensor'.
             return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
+
+
+_SPECIAL = frozenset({"backward", "cuda", "to", "pin_memory", "type"})
+"""Names of the functions CudaToCpuMode does more for than map a device keyword."""
 
 
 def _backward(func: Callable, args, kwargs) -> None:

@@ -131,8 +131,8 @@ def resolve_attention_impl(cfg: RuntimeConfig) -> str:
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     say_once("minitron: runtime.attention_impl=auto chose sdpa: torch's fused "
-             "scaled_dot_product_attention and our rotary kernel in the local layer spec "
-             "(megatron: its unfused ones)")
+             "scaled_dot_product_attention and our rotary and SwiGLU kernels in the local "
+             "layer spec (megatron: its unfused ones)")
     return "sdpa"
 
 

@@ -5,6 +5,7 @@ from typing import List, Tuple
 import torch
 
 from megatron_minitron.config.train import OptimizerConfig, TrainConfig
+from megatron_minitron.training.clip_grads import use_foreach_clipping
 from megatron_minitron.training.wgrad import fuse_wgrad_accumulation
 
 
@@ -22,7 +23,8 @@ def wrap_ddp(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
 
 
 def build_optimizer(chunks: List[torch.nn.Module], cfg: OptimizerConfig, train: TrainConfig):
-    """(optimizer, scheduler). Chunks must be DDP-wrapped (wrap_ddp)."""
+    """(optimizer, scheduler). Chunks must be DDP-wrapped (wrap_ddp). Without TE or apex:
+    torch's fused AdamW and foreach gradient clipping (training/clip_grads.py)."""
     from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -35,6 +37,7 @@ def build_optimizer(chunks: List[torch.nn.Module], cfg: OptimizerConfig, train: 
         use_distributed_optimizer=False)
     optimizer = get_megatron_optimizer(mcfg, chunks)
     use_fused_adamw(optimizer)
+    use_foreach_clipping()
     samples = train.train_iters * train.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
