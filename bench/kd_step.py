@@ -31,6 +31,8 @@ vocabulary 128,256, hidden 4,096, 8,192 tokens.
     python bench/kd_step.py --part b                 # vocab 128256, hidden 4096, 8192 tokens
     python bench/kd_step.py --part b --quick         # 2048 tokens
     python bench/kd_step.py --part b --vocab 49152 --hidden-size 576   # SmolLM2's head
+    python bench/kd_step.py --part b --vocab 49152 --hidden-size 378 --teacher-hidden-size 576 \
+        --tokens 2048 --speed-rounds 6     # the demo's heads, and chunked vs fused speed
 
 Peak memory is the increase over the inputs (hidden states, weights, main_grad): on CUDA
 torch.cuda.max_memory_allocated; on CPU each measurement runs in a fresh subprocess that
@@ -43,6 +45,7 @@ where every one fits, so each printed ratio compares measurements at the same si
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -109,20 +112,36 @@ def _reset_cpu_peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def make_inputs(vocab: int, tokens: int, dtype: str, device: str, hidden: int,
+                teacher_hidden: int):
+    """(hs, ws, ht, wt): both models' final hidden states and output weights; the student's
+    weight has megatron DDP's fp32 main_grad, touched (it exists before the step in training)."""
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    hs = torch.randn(tokens, hidden, dtype=dt, device=device).requires_grad_()
+    ht = torch.randn(tokens, teacher_hidden, dtype=dt, device=device)
+    ws = (torch.randn(vocab, hidden, dtype=dt, device=device) * hidden ** -0.5).requires_grad_()
+    wt = torch.randn(vocab, teacher_hidden, dtype=dt, device=device) * teacher_hidden ** -0.5
+    ws.main_grad = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
+    ws.main_grad.fill_(0)
+    return hs, ws, ht, wt
+
+
+def run_variant(variant: str, inputs, chunk: int) -> None:
+    hs, ws, ht, wt = inputs
+    hs.grad = ws.grad = None
+    fn = VARIANTS[variant]
+    loss = fn(hs, ws, ht, wt, 1.0) if variant == "naive" else fn(hs, ws, ht, wt, 1.0, chunk)
+    loss.backward()
+
+
 def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, device: str,
-            hidden: int):
+            hidden: int, teacher_hidden: int):
     """One run in this process: (peak extra bytes, seconds)."""
     import megatron_minitron.distill.fused_output  # noqa: F401  (imports outside the window)
     import megatron_minitron.distill.losses  # noqa: F401
 
-    dt = getattr(torch, dtype)
-    torch.manual_seed(0)
-    hs = torch.randn(tokens, hidden, dtype=dt, device=device).requires_grad_()
-    ht = torch.randn(tokens, hidden, dtype=dt, device=device)
-    ws = (torch.randn(vocab, hidden, dtype=dt, device=device) * hidden ** -0.5).requires_grad_()
-    wt = torch.randn(vocab, hidden, dtype=dt, device=device) * hidden ** -0.5
-    ws.main_grad = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
-    ws.main_grad.fill_(0)  # touch the pages: the buffer exists before the step in training
+    inputs = make_inputs(vocab, tokens, dtype, device, hidden, teacher_hidden)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -130,9 +149,7 @@ def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, devic
     else:
         base = _reset_cpu_peak()
     start = time.perf_counter()
-    fn = VARIANTS[variant]
-    loss = fn(hs, ws, ht, wt, 1.0) if variant == "naive" else fn(hs, ws, ht, wt, 1.0, chunk)
-    loss.backward()
+    run_variant(variant, inputs, chunk)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -141,11 +158,35 @@ def measure(variant: str, vocab: int, tokens: int, dtype: str, chunk: int, devic
     return peak, time.perf_counter() - start
 
 
-def run_isolated(variant, vocab, tokens, dtype, chunk, device, hidden):
+def speed(vocab: int, tokens: int, dtype: str, chunk: int, device: str, hidden: int,
+          teacher_hidden: int, rounds: int) -> None:
+    """The unfused (chunked) and fused paths timed in this process, interleaved round by round
+    on the same inputs (the memory table's seconds are single runs in fresh processes)."""
+    from megatron_minitron.runtime.allocator import keep_freed_memory
+
+    if device == "cpu":
+        keep_freed_memory()  # as in training (runtime/distributed.py's initialize)
+    inputs = make_inputs(vocab, tokens, dtype, device, hidden, teacher_hidden)
+
+    def timed(variant):
+        def run():
+            run_variant(variant, inputs, chunk)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    times = interleaved({v: timed(v) for v in ("chunked", "fused")}, rounds)
+    for v, ts in times.items():
+        print(f"  {v:>8}: {tokens / statistics.median(ts):9.0f} tokens/s "
+              f"(median of {rounds} rounds, {min(ts):.2f}-{max(ts):.2f} s per step)")
+    print(f"  tokens/s ratio fused / chunked: {ratio_summary(times['chunked'], times['fused'])}")
+
+
+def run_isolated(variant, vocab, tokens, dtype, chunk, device, hidden, teacher_hidden):
     if device == "cuda":  # the allocator's counters are exact in process
-        return measure(variant, vocab, tokens, dtype, chunk, device, hidden)
+        return measure(variant, vocab, tokens, dtype, chunk, device, hidden, teacher_hidden)
     cmd = [sys.executable, __file__, "--child", variant, str(vocab), str(tokens), dtype,
-           str(chunk), str(hidden)]
+           str(chunk), str(hidden), str(teacher_hidden)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peak, seconds = json.loads(out.strip().splitlines()[-1])
     return peak, seconds
@@ -314,11 +355,16 @@ def main():
     parser.add_argument("--tokens", type=int, default=None, help="tokens (default 8192)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[128256])
     parser.add_argument("--hidden-size", type=int, default=4096, help="(b) output layer width")
+    parser.add_argument("--teacher-hidden-size", type=int, default=None,
+                        help="(b) the teacher's output layer width (default: --hidden-size)")
+    parser.add_argument("--speed-rounds", type=int, default=0,
+                        help="(b) then time chunked and fused interleaved in one process, "
+                        "this many rounds, at the first token count")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                         help="(b) default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--chunk", type=int, default=0,
                         help="distill.token_chunk_size (0: the automatic size)")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=10, help="(a) timed rounds")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="(a)")
@@ -332,9 +378,9 @@ def main():
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
-        variant, vocab, tokens, dtype, chunk, hidden = args.child
+        variant, vocab, tokens, dtype, chunk, hidden, teacher_hidden = args.child
         print(json.dumps(measure(variant, int(vocab), int(tokens), dtype, int(chunk), "cpu",
-                                 int(hidden))))
+                                 int(hidden), int(teacher_hidden))))
         return
     if args.part in ("a", "all"):
         if bool(args.teacher) != bool(args.student):
@@ -346,8 +392,10 @@ def main():
     tokens = args.tokens or (2048 if args.quick else 8192)
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     h = args.hidden_size
+    ht = args.teacher_hidden_size or h
     print(f"(b) output layers + logit loss from the final hidden states, forward+backward, "
-          f"{dtype}, hidden {h}, chunk {args.chunk or 'auto'} tokens, device {device}")
+          f"{dtype}, hidden {h} (teacher {ht}), chunk {args.chunk or 'auto'} tokens, "
+          f"device {device}")
     header = (f"{'vocab':>7} {'tokens':>7} {'naive GiB':>10} {'chunked GiB':>12} "
               f"{'fused GiB':>10} {'chunked/naive':>14} {'fused/naive':>12} {'naive s':>8} "
               f"{'chunked s':>10} {'fused s':>8}")
@@ -355,8 +403,8 @@ def main():
     print("-" * len(header))
     for vocab in args.vocab:
         for n in sizes_for(vocab, tokens, h, device):
-            res = {v: run_isolated(v, vocab, n, dtype, args.chunk, device, h)
-                   if fits(v, vocab, n, h, device) else None for v in VARIANTS}
+            res = {v: run_isolated(v, vocab, n, dtype, args.chunk, device, h, ht)
+                   if fits(v, vocab, n, max(h, ht), device) else None for v in VARIANTS}
             gib = {v: f"{r[0] / GIB:.2f}" if r else "skip" for v, r in res.items()}
             sec = {v: f"{r[1]:.1f}" if r else "-" for v, r in res.items()}
             naive = res["naive"]
@@ -365,6 +413,10 @@ def main():
             print(f"{vocab:7d} {n:7d} {gib['naive']:>10} {gib['chunked']:>12} "
                   f"{gib['fused']:>10} {ratio['chunked']:>14} {ratio['fused']:>12} "
                   f"{sec['naive']:>8} {sec['chunked']:>10} {sec['fused']:>8}", flush=True)
+    if args.speed_rounds:
+        for vocab in args.vocab:
+            print(f"speed at vocabulary {vocab}, {tokens} tokens:")
+            speed(vocab, tokens, dtype, args.chunk, device, h, ht, args.speed_rounds)
 
 
 if __name__ == "__main__":
