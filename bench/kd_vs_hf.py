@@ -9,7 +9,7 @@ Ours: `minitron distill`'s step (KDStep in the one training loop: megatron-core 
 megatron optimizer with clipping, fused output-layer forward-KL loss unless fused=false).
 
     python bench/kd_vs_hf.py [rounds=5] [mbs=4] [seq=512] [precision=fp32|bf16] [fused=true]
-                             [device=auto|cpu|cuda] [teacher=smollm2|random]
+                             [device=auto|cpu|cuda] [teacher=smollm2|random] [profile=0]
 
 teacher=random needs no download (machines without the internet, such as the lent GPU): the
 teacher is SmolLM2-135M's shape randomly initialised and the student is it pruned by magnitude
@@ -24,6 +24,7 @@ step's matrix products alone, linear layers and attention, at this machine's spe
 and each side's share of it, and last the ratio ours / naive. Both steps run in one process,
 so both get what the process setup gives (our runtime's allocator settings included).
 The CPU model and its bf16 flags are printed first: state them with any figure.
+profile=N (N > 0): then each side's top N operators over 2 profiled steps (bench/op_profile.py).
 """
 
 import sys
@@ -37,11 +38,12 @@ from megatron_minitron.runtime.allocator import release_freed_memory
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from knobs import parse_knobs  # noqa: E402
 from matmul_floor import step_floor  # noqa: E402
+from op_profile import top_ops  # noqa: E402
 from stats import interleaved, ratio_summary  # noqa: E402
 
 WORK = "/tmp/minitron_bench_smollm2"
 DEFAULTS = {"rounds": 5, "mbs": 4, "seq": 512, "precision": "fp32", "fused": "true",
-            "device": "auto", "teacher": "smollm2", "work": WORK}
+            "device": "auto", "teacher": "smollm2", "work": WORK, "profile": 0}
 
 
 def cpu_description() -> str:
@@ -248,6 +250,10 @@ def main():
               f"per step = at most {tokens / f['total']:.0f} tokens/s; ours at "
               f"{share['ours']:.0%} of it, naive at {share['naive']:.0%}; 1.5 x naive would "
               f"be {1.5 * share['naive']:.0%}")
+    if k["profile"] > 0:
+        for name, fn in steps.items():
+            print(f"{name}: top operators by self CPU time (torch.profiler, 2 steps)")
+            print(top_ops(fn, steps=2, rows=k["profile"]))
     print(f"tokens/s ratio ours / naive: {ratio_summary(times['naive'], times['ours'])}")
 
 

@@ -3,7 +3,7 @@ megatron-core GPTModel (CPU compat layer, gloo, local spec) next to Hugging Face
 LlamaForCausalLM of the same shape, in the same process, interleaved round by round.
 
     python bench/train_step.py [--rounds 8] [--precision fp32|bf16] [--seq 256] [--mbs 4]
-                               [--loop-adam]
+                               [--loop-adam] [--profile N]
 """
 
 import argparse
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from op_profile import top_ops  # noqa: E402
 from stats import interleaved, ratio_summary  # noqa: E402
 
 
@@ -25,6 +26,8 @@ def main():
     ap.add_argument("--loop-adam", action="store_true",
                     help="also time our step with megatron's AdamW as it comes (per-parameter "
                     "loop on CPU), to show what the fused kernel (the default) buys")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then each side's top N operators over 5 profiled steps")
     args = ap.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -102,6 +105,10 @@ def main():
     if args.loop_adam:
         print("tokens/s ratio fused AdamW / loop AdamW (ours): "
               f"{ratio_summary(times['minitron, loop AdamW'], times['minitron'])}")
+    if args.profile > 0:
+        for name, fn in (("minitron", variants["minitron"]), ("hf", hf_step)):
+            print(f"{name}: top operators by self CPU time (torch.profiler, 5 steps)")
+            print(top_ops(fn, steps=5, rows=args.profile))
     print(f"tokens/s ratio minitron / hf: {ratio_summary(times['hf'], times['minitron'])}")
 
 
