@@ -10,16 +10,8 @@ from megatron_minitron.training.clip_grads import (foreach_l2_norm, foreach_scal
                                                    use_foreach_clipping)
 
 
-@pytest.fixture(autouse=True)
-def cpu_layer():
-    """megatron's local fallbacks allocate on "cuda": the CPU layer maps that."""
-    from megatron_minitron.runtime import cpu_compat
-
-    was = cpu_compat.is_installed()
-    cpu_compat.install()
-    yield
-    if not was:
-        cpu_compat.uninstall()
+# megatron's local fallbacks allocate on "cuda": the CPU layer (conftest.py) maps that
+pytestmark = pytest.mark.usefixtures("cpu_layer")
 
 
 def _grads(seed=0):

@@ -10,15 +10,6 @@ from megatron_minitron.runtime import cpu_compat
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only layer")
 
 
-@pytest.fixture
-def installed():
-    was = cpu_compat.is_installed()
-    cpu_compat.install()
-    yield
-    if not was:
-        cpu_compat.uninstall()
-
-
 def test_every_patched_attribute_exists_in_megatron_and_torch():
     # If megatron-core renames or drops a function we patch, this fails before anything subtle.
     for (owner, attr), _ in cpu_compat._patches().items():
@@ -34,7 +25,7 @@ def test_megatron_still_hardcodes_what_we_map():
     assert "torch.cuda.get_rng_state" in inspect.getsource(random)
 
 
-def test_factory_and_to_calls_land_on_cpu(installed):
+def test_factory_and_to_calls_land_on_cpu(cpu_layer):
     assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
     assert torch.empty(1, device="cuda").device.type == "cpu"
     t = torch.ones(3)
@@ -44,7 +35,7 @@ def test_factory_and_to_calls_land_on_cpu(installed):
     torch.cuda.synchronize()
 
 
-def test_rng_tracker_forks_and_restores_the_cpu_generator(installed):
+def test_rng_tracker_forks_and_restores_the_cpu_generator(cpu_layer):
     from megatron.core.tensor_parallel.random import (get_cuda_rng_tracker,
                                                       model_parallel_cuda_manual_seed)
 
@@ -109,7 +100,7 @@ class _AllocatesOnCudaInBackward(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("how", ["autograd", "tensor"])
-def test_custom_backward_allocating_on_cuda_runs_on_cpu(installed, how):
+def test_custom_backward_allocating_on_cuda_runs_on_cpu(cpu_layer, how):
     x = torch.ones(3, requires_grad=True)
     y = _AllocatesOnCudaInBackward.apply(x)
     if how == "autograd":
