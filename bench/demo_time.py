@@ -1,7 +1,8 @@
 """The main job's wall time, measured: `minitron pipeline` (the embedded demo experiment) from
 an empty run dir, with the teacher already cached (the one-time download is not counted; it
 is fetched first if missing). Prints each stage's seconds (from its stage.json) and the total,
-the held-out numbers of the report, and the CPU it ran on.
+the held-out numbers of the report, the CPU it ran on and the precision `auto` chose there;
+the pipeline's console output is kept in RUN_DIR/console.out and console.err.
 
     python bench/demo_time.py [run_dir=/tmp/minitron_demo_time] [extra="key=value ..."]
 """
@@ -33,7 +34,10 @@ def main():
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"pipeline exited {proc.returncode}")
+    (run / "console.out").write_text(proc.stdout)
+    (run / "console.err").write_text(proc.stderr)
     print(f"CPU: {cpu_description()}")
+    print(f"precision: {_resolved(run)}")
     stages = sorted(run.glob("**/stage.json"), key=lambda p: p.stat().st_mtime)
     for marker in stages:
         rec = json.loads(marker.read_text())
@@ -42,6 +46,16 @@ def main():
     summary = run / "summary.json"
     if summary.exists():
         print(json.dumps(json.loads(summary.read_text()), indent=1)[:3000])
+
+
+def _resolved(run: Path) -> str:
+    import yaml
+
+    cfg = run / "distill" / "config.yaml"
+    if not cfg.is_file():
+        return "?"
+    r = yaml.safe_load(cfg.read_text())["resolved"]
+    return f"{r['precision']} ({r['precision_reason']})"
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ NAMED = {"manual": dict(RECIPE, mbs=4, gbs=4, lr=3e-4, decay="constant", warmup=
 NAIVE = {"naive_ref": ("ref", "kd"), "ce_ref": ("ref", "ce"), "naive_ours": ("ours", "kd"),
          "naive_depth": ("depth", "kd")}
 CHOSEN = dict(RECIPE, mbs=2, gbs=2, axes="depth")
-"""What the sweep chose (docs/RESULTS.md, session 8) and the demo uses: 2 x 256 per step and the
-student pruned to 15 of 30 layers; `axes=width` gives the hidden + ffn student."""
+"""What the sweep chose (docs/RESULTS.md, "Distillation defaults") and the demo uses: 2 x 256 per
+step and the student pruned to 15 of 30 layers; `axes=width` gives the hidden + ffn student."""
 KNOBS = dict({"work": "/tmp/minitron_bench_smollm2", "tokens": 40960, "seeds": "1,2,3",
               "arms": "ours,manual,naive_ref,ce_ref,naive_ours", "split": "report",
               "windows": 10, "threads": 2, "score": "select,report",

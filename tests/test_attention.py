@@ -6,22 +6,24 @@ import pytest
 import torch
 
 from distributed import next_port, run_distributed
+from precision import FP32
 
 MODEL = ["model.num_attention_heads=4", "model.num_query_groups=2", "data.seq_length=16"]
 
 
 def _logits_and_grads(impl, tp):
     from megatron_minitron.config.loader import load_config
-    from megatron_minitron.models.builder import build_model
+    from megatron_minitron.models.builder import build_model, unwrap
     from megatron_minitron.runtime.distributed import initialize, teardown
 
     cfg = load_config(MODEL + [f"runtime.attention_impl={impl}",
-                               f"parallel.tensor_model_parallel_size={tp}"])
+                               f"parallel.tensor_model_parallel_size={tp}", FP32])
     ctx = initialize(cfg.parallel, cfg.runtime)
     try:
         gpt = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)[0]
-        attn = (type(gpt.decoder.layers[0].self_attention.core_attention).__name__,
-                gpt.config.apply_rope_fusion)
+        inner = unwrap(gpt)  # a Float16Module under bf16
+        attn = (type(inner.decoder.layers[0].self_attention.core_attention).__name__,
+                inner.config.apply_rope_fusion)
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g)
         logits = gpt(tokens, torch.arange(16).expand(2, -1), None)

@@ -32,6 +32,7 @@ def test_every_experiment_composes(experiment):
     (["parallel.pipeline_model_parallel_size=3"], "model.num_layers"),
     (["runtime.transformer_impl=fast"], "runtime.transformer_impl"),
     (["runtime.precision=fp8"], "runtime.precision"),
+    (["importance.precision=bf16"], "importance.precision"),
     (["train.global_batch_size=0"], "train.global_batch_size"),
     (["data.split='1,2'"], "data.split"),
     (["model.foo=1"], "model.foo"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distributed import next_port, run_distributed
+from precision import fp32_unless_set
 
 BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
         "train.eval_interval=0", "train.eval_iters=1", "logger.backend=none",
@@ -23,7 +24,7 @@ def _run(stage, run_dir, overrides):
     from megatron_minitron.training.lm import distill, train_lm
     from megatron_minitron.training.metrics import read_metrics
 
-    cfg = load_config(BASE + [f"run.dir={run_dir}"] + overrides)
+    cfg = load_config(fp32_unless_set(BASE + [f"run.dir={run_dir}"] + overrides))
     (distill if stage == "distill" else train_lm)(cfg)
     return [m for m in read_metrics(run_dir) if "kd_loss" in m or "lm_loss" in m]
 

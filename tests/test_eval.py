@@ -36,7 +36,7 @@ def _init(tp=1, pp=1):
     from megatron_minitron.runtime.distributed import initialize
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    runtime = RuntimeConfig(device="cpu", transformer_impl="local")
+    runtime = RuntimeConfig(device="cpu", transformer_impl="local", precision="fp32")
     return initialize(parallel, runtime), parallel, runtime
 
 
@@ -138,7 +138,8 @@ def _single(root: str):
 
     main([f"eval.checkpoint={root}/ckpt", f"run.dir={root}/run", f"data.seq_length={SEQ}",
           "eval.num_samples=4", f"eval.micro_batch_size={MBS}", "eval.heldout_chars=500",
-          "eval.splits=[valid]", "runtime.device=cpu", "runtime.transformer_impl=local"])
+          "eval.splits=[valid]", "runtime.device=cpu", "runtime.transformer_impl=local",
+          "runtime.precision=fp32"])
     return out
 
 

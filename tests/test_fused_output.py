@@ -10,6 +10,7 @@ from megatron_minitron.config.distill import DistillConfig
 from megatron_minitron.distill.fused_output import fused_logit_distillation_loss
 from megatron_minitron.distill.losses import logit_distillation_loss
 from test_distill_losses import reference
+from precision import FP32
 
 S, B, HS, HT, V = 7, 3, 12, 16, 40
 KINDS = ["forward_kl", "reverse_kl", "jsd", "topk_kl"]
@@ -227,7 +228,8 @@ def _step_grads(kind: str, tp: int):
         next_port()
         cfg = load_config([f"parallel.tensor_model_parallel_size={tp}", "data.seq_length=16",
                            "train.micro_batch_size=2", "train.global_batch_size=4",
-                           "logger.backend=none", "model.share_embeddings_and_output_weights=true"])
+                           "logger.backend=none", "model.share_embeddings_and_output_weights=true",
+                           FP32])
         ctx = initialize(cfg.parallel, cfg.runtime)
         torch.manual_seed(0)
         teacher = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)[0]
@@ -289,7 +291,7 @@ def test_hidden_states_out_hands_the_blocks_a_contiguous_gradient():
     from megatron_minitron.models.output_layer import hidden_states_out
     from tests_helpers_single import single_process
 
-    with single_process(load_config(["data.seq_length=16"])) as (cfg, ctx):
+    with single_process(load_config(["data.seq_length=16", FP32])) as (cfg, ctx):
         torch.manual_seed(0)
         gpt = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)[0]
         ids = torch.randint(0, cfg.model.vocab_size, (3, 16),

@@ -16,6 +16,7 @@ from megatron_minitron.checkpoint.hf import hf_to_mcore, mcore_to_hf
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from test_hf_interop import ARCH_FIELDS, SEQ, TINY, VOCAB, _megatron_logits, _rel, _write_tokenizer
+from precision import FP32
 
 FAMILIES = {
     # q/k norm, tied embeddings, head_dim 24 != 56/4
@@ -211,7 +212,7 @@ def _compress(root: str, jobs):
 
     out = {}
     common = [f"data.cache_dir={root}/cache", "data.seq_length=16", "logger.backend=none",
-              "logger.progress_bar=false"]
+              "logger.progress_bar=false", FP32]
     for name, ckpt, model_type, ids in jobs:
         d = f"{root}/{name}"
         next_port()

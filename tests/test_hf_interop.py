@@ -73,7 +73,7 @@ def _setup(tp: int, pp: int):
     from megatron_minitron.runtime.distributed import initialize
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    runtime = RuntimeConfig(device="cpu", transformer_impl="local")
+    runtime = RuntimeConfig(device="cpu", transformer_impl="local", precision="fp32")
     return parallel, runtime, initialize(parallel, runtime)
 
 
@@ -96,7 +96,9 @@ def _forward(model, cfg, ids, ctx):
     pos = torch.arange(s).unsqueeze(0).expand(b, -1)
     with torch.no_grad():
         if not ctx.is_first_stage:
-            hidden = torch.empty(s, b, cfg.hidden_size)  # [s, b, h]
+            # [s, b, h] in the stages' activation dtype (bf16 under runtime.precision=bf16)
+            dtype = next(model.parameters()).dtype
+            hidden = torch.empty(s, b, cfg.hidden_size, dtype=dtype)
             dist.recv(hidden, src=pp_ranks[ctx.pp_rank - 1])
             model.set_input_tensor(hidden)
         out = model(ids, pos, attention_mask=None)

@@ -110,7 +110,7 @@ def _init(tp=1, pp=1):
     from megatron_minitron.runtime.distributed import initialize
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    runtime = RuntimeConfig(device="cpu", transformer_impl="local")
+    runtime = RuntimeConfig(device="cpu", transformer_impl="local", precision="fp32")
     return initialize(parallel, runtime), parallel, runtime
 
 

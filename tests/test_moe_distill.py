@@ -6,7 +6,7 @@ import pytest
 from distributed import run_distributed
 from test_distill_stage import BASE, _jobs
 
-MOE = ["model=tiny_moe", "runtime.transformer_impl=local"]
+MOE = ["model=tiny_moe", "runtime.transformer_impl=local", "runtime.precision=fp32"]
 LAYOUTS = [("ep1", 1, []), ("ep2", 2, ["parallel.expert_model_parallel_size=2"]),
            ("dp2", 2, [])]
 

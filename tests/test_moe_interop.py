@@ -59,7 +59,7 @@ def _forward_logits(tp: int, pp: int, ep: int, ckpts, ids):
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               expert_model_parallel_size=ep)
-    runtime = RuntimeConfig(device="cpu", transformer_impl="local")
+    runtime = RuntimeConfig(device="cpu", transformer_impl="local", precision="fp32")
     ctx = initialize(parallel, runtime)
     out = []
     for path in ckpts:
@@ -166,7 +166,7 @@ def test_built_model_has_the_counted_parameters():
     cfg = ModelConfig(hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, num_layers=2,
                       vocab_size=100, num_moe_experts=4, moe_ffn_hidden_size=24,
                       moe_shared_expert_intermediate_size=40, moe_shared_expert_gate=True)
-    runtime = RuntimeConfig(device="cpu", transformer_impl="local")
+    runtime = RuntimeConfig(device="cpu", transformer_impl="local", precision="fp32")
     try:
         ctx = initialize(ParallelConfig(), runtime)
         (model,) = build_model(cfg, ParallelConfig(), runtime, ctx.device)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl as megatron_fused
 
 from megatron_minitron.models import swiglu
+from precision import FP32
 
 
 def _unfused(x):  # megatron's MLP without activation fusion (glu_linear_offset 0)
@@ -41,7 +42,7 @@ def test_megatron_mlp_dispatches_to_it_in_our_models():
     from megatron_minitron.models.builder import build_model
     from tests_helpers_single import single_process
 
-    cfg = load_config(["data.seq_length=16", "runtime.attention_impl=sdpa"])
+    cfg = load_config(["data.seq_length=16", "runtime.attention_impl=sdpa", FP32])
     with single_process(cfg) as (cfg, ctx):
         torch.manual_seed(0)
         gpt = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)[0]

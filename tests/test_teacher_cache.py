@@ -11,6 +11,7 @@ import pytest
 
 from cli_process import minitron
 from distributed import next_port, run_distributed
+from precision import fp32_unless_set
 
 BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
         "train.eval_interval=0", "train.eval_iters=1", "logger.backend=none",
@@ -25,7 +26,7 @@ def _run(stage, run_dir, overrides):
     from megatron_minitron.training.lm import distill, train_lm
     from megatron_minitron.training.metrics import read_metrics
 
-    cfg = load_config(BASE + [f"run.dir={run_dir}"] + overrides)
+    cfg = load_config(fp32_unless_set(BASE + [f"run.dir={run_dir}"] + overrides))
     if stage == "cache":
         return str(write_cache(cfg))
     {"distill": distill, "train": train_lm}[stage](cfg)

@@ -8,6 +8,7 @@ import yaml
 
 from cli_process import losses, minitron
 from distributed import run_distributed
+from precision import FP32
 
 FAST = ["data.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4",
         "train.eval_interval=0", "train.eval_iters=1", "logger.backend=none",
@@ -72,7 +73,7 @@ def _logits(ckpt_dir, tp, save):
     from megatron_minitron.models.builder import build_model
     from megatron_minitron.runtime.distributed import initialize
 
-    cfg = load_config([f"parallel.tensor_model_parallel_size={tp}", "runtime.seed=3"])
+    cfg = load_config([f"parallel.tensor_model_parallel_size={tp}", "runtime.seed=3", FP32])
     ctx = initialize(cfg.parallel, cfg.runtime)
     chunks = build_model(cfg.model, cfg.parallel, cfg.runtime, ctx.device)
     if save:

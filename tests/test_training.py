@@ -3,6 +3,7 @@
 import pytest
 
 from distributed import next_port, run_distributed
+from precision import fp32_unless_set
 
 BASE = ["model=tiny", "data.seq_length=32", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.eval_iters=1", "train.eval_interval=0",
@@ -17,7 +18,7 @@ def _train(run_dir, overrides):
     from megatron_minitron.training.session import adopt_model_config, build_trainer, find_start
     from synthetic import SyntheticSource
 
-    cfg = load_config(BASE + [f"run.dir={run_dir}"] + overrides)
+    cfg = load_config(fp32_unless_set(BASE + [f"run.dir={run_dir}"] + overrides))
     ctx = initialize(cfg.parallel, cfg.runtime)
     start = find_start(cfg)
     cfg = adopt_model_config(cfg, start, model_overridden=False)

@@ -1,5 +1,6 @@
 """`minitron convert convert.direction=hf_to_mcore convert.input=HF_DIR convert.output=CKPT`."""
 
+from pathlib import Path
 from typing import List
 
 from megatron_minitron.cli.preflight import check
@@ -12,16 +13,20 @@ def load_convert_config(overrides: List[str]) -> ConvertConfig:
 
 
 def main(overrides: List[str]) -> None:
-    cfg = load_convert_config(overrides)
+    root = check("convert", load_config(override_list(overrides)))
+    cfg = root.convert
     from megatron_minitron.checkpoint import hf
+    from megatron_minitron.runtime.console import foreign_output
 
     if cfg.direction == "hf_to_mcore":
         src = cfg.input
-        if src == "smollm2":
-            from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
+        # transformers' GGUF and weight-loading bars: to run.dir/stage.log
+        with foreign_output(Path(root.run.dir) / "stage.log", root.logger.verbose):
+            if src == "smollm2":
+                from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
 
-            src = str(fetch_smollm2())
-        path = hf.hf_to_mcore(src, cfg.output)
+                src = str(fetch_smollm2())
+            path = hf.hf_to_mcore(src, cfg.output)
     else:
         from megatron_minitron.checkpoint.dist import verified
 

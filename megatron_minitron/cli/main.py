@@ -6,19 +6,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-STAGES = {
-    "train": "Pretrain or fine-tune (teacher correction) with the LM loss.",
-    "data": "Preprocess text/JSONL into megatron indexed datasets.",
-    "convert": "Hugging Face <-> megatron checkpoints.",
-    "importance": "Estimate width and depth importance scores.",
-    "prune": "Slice a checkpoint to a target architecture.",
-    "search": "Architecture search under a parameter budget.",
-    "distill": "Knowledge distillation from a teacher.",
-    "cache-teacher": "Cache a teacher's distributions for teacher-free distillation.",
-    "eval": "Perplexity and lm-eval-harness evaluation.",
-    "pipeline": "The whole Minitron recipe, end to end.",
-}
-
+from megatron_minitron.cli.help import STAGES, stage_help, usage
 
 UNACTIONABLE_WARNINGS = (
     (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. "
@@ -34,12 +22,6 @@ def filter_unactionable_warnings() -> None:
         warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category)
 
 
-def usage() -> str:
-    lines = ["usage: minitron STAGE [key=value ...]", "", "stages:"]
-    lines += [f"  {name:<13} {text}" for name, text in STAGES.items()]
-    return "\n".join(lines)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -49,6 +31,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if stage not in STAGES:
         print(f"minitron: unknown stage {stage!r}\n{usage()}", file=sys.stderr)
         return 2
+    if any(a in ("-h", "--help") for a in overrides):
+        print(stage_help(stage))
+        return 0
     try:
         name = f"megatron_minitron.cli.{stage.replace('-', '_')}"
         module = importlib.import_module(name)

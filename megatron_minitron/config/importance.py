@@ -8,6 +8,7 @@ from megatron_minitron.config.errors import ConfigError
 AGGREGATIONS = ("mean", "l2", "var")
 SOURCES = ("activation", "magnitude", "random")
 HEAD_SCORES = ("output", "projected")
+PRECISIONS = ("fp32", "auto")
 
 
 @dataclass
@@ -57,6 +58,12 @@ class ImportanceConfig:
     makes depth scoring that much cheaper (the loss differences of whole layers are large next
     to their sampling noise). The unskipped loss they are compared with is taken on the same
     samples. None: all num_samples."""
+    precision: str = "fp32"
+    """Precision of the scoring forward passes. "fp32" (default): the scores, and so which
+    heads, neurons, channels and layers a prune keeps, are the same on every machine, whatever
+    runtime.precision=auto picks there (bf16 activations round ties and near-ties differently).
+    "auto": runtime.precision's choice, about half the activation memory on a large model.
+    Statistics accumulate in fp32 either way."""
     block_sizes: List[int] = field(default_factory=list)
     """For each k: LM-loss increase when each contiguous block of k layers is skipped (one pass
     per block). Depth pruning to num_layers - k by contiguous block needs k here."""
@@ -65,6 +72,9 @@ class ImportanceConfig:
         if self.source not in SOURCES:
             raise ConfigError("importance.source", f"unknown {self.source!r}",
                               f"use one of {SOURCES}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("importance.precision", f"unknown {self.precision!r}",
+                              f"use one of {PRECISIONS}")
         if self.head_score not in HEAD_SCORES:
             raise ConfigError("importance.head_score", f"unknown {self.head_score!r}",
                               f"use one of {HEAD_SCORES}")

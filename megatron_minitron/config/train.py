@@ -139,6 +139,10 @@ class LoggerConfig:
     """W&B mode: "offline" (default; sync later with `wandb sync`), "online" or "disabled"."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    verbose: bool = False
+    """Also show the progress bars and notices of the libraries a stage calls (lm-eval,
+    transformers, datasets, huggingface_hub) on the console. False: they go to the stage's
+    `stage.log` (runtime/console.py)."""
 
     def __post_init__(self):
         if self.backend not in ("wandb", "none"):

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.schema import MinitronConfig
+from megatron_minitron.runtime.console import foreign_output
 
 EVAL_FILE = "eval.json"
 EVAL_MODELS = "eval_models.json"
@@ -54,11 +55,14 @@ def perplexity_sets(cfg: MinitronConfig, tok, ctx) -> Dict[str, List[Any]]:
 
 def evaluate_run(cfg: MinitronConfig, checkpoint: str, tok, ctx,
                  sets: Optional[Dict[str, List[Any]]] = None,
-                 also: Optional[List[Any]] = None) -> Dict[str, Any]:
+                 also: Optional[List[Any]] = None, log: Optional[Path] = None
+                 ) -> Dict[str, Any]:
     """Load the checkpoint once for this layout; perplexity on every set (`sets`: the ones
     perplexity_sets gives, made once by a caller scoring several checkpoints), then lm-eval
     tasks. `also`: more batches scored on the loaded model, their EvalResult under the key
-    "also" (not part of eval.json). Collective; every rank returns the same dict."""
+    "also" (not part of eval.json). lm-eval's notices and progress bars go to `log`
+    (default run.dir/stage.log) unless logger.verbose. Collective; every rank returns the same
+    dict."""
     from megatron_minitron.checkpoint.dist import load, resolve
     from megatron_minitron.eval.perplexity import evaluate
     from megatron_minitron.models.builder import build_model
@@ -87,8 +91,9 @@ def evaluate_run(cfg: MinitronConfig, checkpoint: str, tok, ctx,
         ev = cfg.eval
         lm = MinitronLM(chunks, tok, ctx, model.vocab_size, cfg.data.seq_length,
                         ev.micro_batch_size, ev.max_gen_toks)
-        out["tasks"] = run_tasks(lm, ev.tasks, ev.task_paths, ev.limit, ev.num_fewshot,
-                                 cfg.runtime.seed)
+        with foreign_output(log or Path(cfg.run.dir) / "stage.log", cfg.logger.verbose):
+            out["tasks"] = run_tasks(lm, ev.tasks, ev.task_paths, ev.limit, ev.num_fewshot,
+                                     cfg.runtime.seed)
     return out
 
 

@@ -131,6 +131,19 @@ def _depth_scores(chunks, model: ModelConfig, cfg: ImportanceConfig, sizes: List
     return tensors
 
 
+def scoring_runtime(cfg: ImportanceConfig, runtime, device_type: str):
+    """`runtime` at importance.precision: fp32 unless it is "auto". Scoring in fp32 where
+    runtime.precision resolves to bf16 is said once."""
+    from megatron_minitron.runtime.device import resolve_precision, say_once
+
+    if cfg.precision == "auto" or resolve_precision(runtime, device_type) == "fp32":
+        return runtime
+    say_once("minitron: importance scores in fp32 (importance.precision=fp32), not "
+             "runtime.precision's bf16, so the pruned architecture does not depend on the "
+             "machine; importance.precision=auto scores in bf16")
+    return dataclasses.replace(runtime, precision="fp32")
+
+
 def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: Optional[MakeBatches],
                      ctx, parallel, runtime, output: Optional[str] = None,
                      data: Optional[Dict[str, Any]] = None, progress: bool = False) -> Scores:
@@ -145,7 +158,8 @@ def score_checkpoint(checkpoint: str, cfg: ImportanceConfig, make_batches: Optio
     if cfg.source == "random":
         scores = random_scores(model, cfg, runtime.seed, ctx)
     else:
-        chunks = build_model(model, parallel, runtime, ctx.device)
+        chunks = build_model(model, parallel, scoring_runtime(cfg, runtime, ctx.device.type),
+                             ctx.device)
         load(checkpoint, chunks, ctx=ctx)
         scores = (magnitude_scores(chunks, model, ctx) if cfg.source == "magnitude" else
                   compute_importance(chunks, model, cfg, make_batches, ctx, data, progress))

@@ -57,13 +57,17 @@ def import_teacher(cfg: MinitronConfig, out: Path) -> Dict:
     """The teacher as one of our checkpoints: converted from HF, or used where it is."""
     from megatron_minitron.checkpoint.hf import hf_to_mcore
 
+    from megatron_minitron.runtime.console import foreign_output
+
     src = cfg.pipeline.teacher
     if src == "init":
         return init_teacher(cfg, out)
+    quiet = lambda: foreign_output(out / "stage.log", cfg.logger.verbose)  # noqa: E731
     if src == "smollm2":
         from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
 
-        src = str(fetch_smollm2()) if is_rank0() else src
+        with quiet():
+            src = str(fetch_smollm2()) if is_rank0() else src
     elif not (Path(src).expanduser() / "config.json").is_file():
         if ckpt.resolve(src) is None:
             raise ConfigError("pipeline.teacher", f"{src} is neither a Hugging Face folder "
@@ -71,9 +75,10 @@ def import_teacher(cfg: MinitronConfig, out: Path) -> Dict:
                               "use smollm2, an HF model folder or a checkpoint folder")
         return {"checkpoint": str(ckpt.resolve(src))}
     dst = out / "checkpoint"
-    _single_process(lambda: hf_to_mcore(src, str(dst)),
-                    ["convert.direction=hf_to_mcore", f"convert.input={src}",
-                     f"convert.output={dst}"])
+    with quiet():
+        _single_process(lambda: hf_to_mcore(src, str(dst)),
+                        ["convert.direction=hf_to_mcore", f"convert.input={src}",
+                         f"convert.output={dst}"])
     return {"checkpoint": str(ckpt.resolve(str(dst)))}
 
 
@@ -239,7 +244,8 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
                              f"{score_cache.entry_path(cfg, key)} (eval.cache=false scores "
                              "it again)")
                 elif cfg.eval.tasks:
-                    suite = evaluate_run(model_cfg, path, tok, ctx, sets, also=batches)
+                    suite = evaluate_run(model_cfg, path, tok, ctx, sets, also=batches,
+                                         log=out / "stage.log")
                     scored = {"models": suite.pop("also"), "suite": suite}
                 else:
                     r = evaluate_checkpoint(path, batches, ctx, cfg.runtime, cfg.parallel)

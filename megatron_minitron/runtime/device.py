@@ -11,6 +11,7 @@ import torch
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.parallel import RuntimeConfig
+from megatron_minitron.runtime.console import console_stderr
 from megatron_minitron.runtime.rank import is_rank0
 
 
@@ -38,14 +39,31 @@ class PrecisionChoice:
     reason: str
 
 
+CPU_FLAGS_ENV = "MINITRON_CPU_FLAGS"
+"""Environment variable that replaces /proc/cpuinfo's flags in the precision choice: the flags
+separated by spaces or commas (`avx512_bf16`, or `none` for a CPU without bf16). The tests use
+it to take both the native-bf16 and the emulated path on any machine; every choice made from it
+says so in its reason."""
+
+
 def cpu_flags() -> Optional[frozenset]:
-    """The CPU's feature flags from /proc/cpuinfo, or None where there is no such file."""
+    """The CPU's feature flags: MINITRON_CPU_FLAGS where set, else /proc/cpuinfo's, or None
+    where there is no such file."""
+    override = os.environ.get(CPU_FLAGS_ENV)
+    if override is not None:
+        return frozenset(w for w in override.replace(",", " ").split() if w != "none")
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     return frozenset(w for line in text.splitlines() if line.startswith("flags")
                      for w in line.split(":", 1)[1].split())
+
+
+def _flags_source(given: bool) -> str:
+    if given or CPU_FLAGS_ENV not in os.environ:
+        return ""
+    return f" ({CPU_FLAGS_ENV}={os.environ[CPU_FLAGS_ENV]!r}, not /proc/cpuinfo)"
 
 
 def native_bf16(device_type: str, flags: Optional[frozenset] = None,
@@ -60,13 +78,14 @@ def native_bf16(device_type: str, flags: Optional[frozenset] = None,
         if tuple(capability) >= (8, 0):
             return True, f"CUDA compute capability {cc} >= 8.0 has bf16 tensor cores"
         return False, f"CUDA compute capability {cc} < 8.0 has no bf16 tensor cores"
+    source = _flags_source(flags is not None)
     flags = cpu_flags() if flags is None else flags
     if flags is None:
         return False, "CPU flags unreadable (no /proc/cpuinfo): bf16 may be emulated"
     found = [f for f in CPU_BF16_FLAGS if f in flags]
     if found:
-        return True, f"CPU has {'+'.join(found)}"
-    return False, ("CPU has neither " + " nor ".join(CPU_BF16_FLAGS) +
+        return True, f"CPU has {'+'.join(found)}{source}"
+    return False, ("CPU has neither " + " nor ".join(CPU_BF16_FLAGS) + source +
                    ": bf16 would be emulated, 3-4x slower than fp32")
 
 
@@ -79,7 +98,9 @@ def choose_precision(cfg: RuntimeConfig, device_type: Optional[str] = None,
     device_type = device_type or resolve_device(cfg).type
     native, why = native_bf16(device_type, flags, capability)
     if cfg.precision == "auto":
-        return PrecisionChoice("bf16" if native else "fp32", f"auto: {why}")
+        chosen = "bf16" if native else "fp32"
+        say_once(f"minitron: runtime.precision=auto chose {chosen}: {why}")
+        return PrecisionChoice(chosen, f"auto: {why}")
     if cfg.precision == "bf16" and not native:
         say_once(f"minitron: warning: runtime.precision=bf16 on a {why}; "
                  "set runtime.precision=auto (fp32 here) for speed")
@@ -143,4 +164,4 @@ def say_once(message: str) -> None:
     """A choice made for the user, told once per process on stderr (rank 0 only)."""
     if message not in _said and is_rank0():
         _said.add(message)
-        print(message, file=sys.stderr)
+        print(message, file=console_stderr())
