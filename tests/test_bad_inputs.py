@@ -98,7 +98,7 @@ def _hashes(root: Path):
 CASES = [
     # --- any stage: the command line itself
     ("unknown_key", "train", ["train.iters=3"], "train.iters", "spelling"),
-    ("flag", "train", ["--help"], "--help", "key=value"),
+    ("flag", "train", ["--iters"], "--iters", "key=value"),
     ("wrong_type", "train", ["train.train_iters=abc"], "train.train_iters", "Fix:"),
     ("unknown_model_group", "train", ["model=llama_1b"], "model", "Fix:"),
     ("new_key_plus", "train", ["+train.foo=1"], "train.foo", "remove it"),
