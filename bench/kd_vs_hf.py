@@ -47,7 +47,7 @@ DEFAULTS = {"rounds": 5, "mbs": 4, "seq": 512, "precision": "fp32", "fused": "tr
 
 
 def cpu_description() -> str:
-    from megatron_minitron.runtime.device import CPU_BF16_FLAGS, cpu_flags
+    from megatron_minitron.runtime.device import CPU_BF16_FLAGS, cpuinfo_flags
 
     name = "?"
     try:
@@ -57,7 +57,7 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    flags = cpu_flags() or frozenset()
+    flags = cpuinfo_flags() or frozenset()
     native = [f for f in CPU_BF16_FLAGS if f in flags]
     return f"{name}, bf16 flags: {', '.join(native) or 'none'}, threads {torch.get_num_threads()}"
 

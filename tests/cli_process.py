@@ -17,6 +17,12 @@ def child_env():
     return {k: v for k, v in os.environ.items() if k not in dist_vars}
 
 
+def dead_pid() -> str:
+    """The pid of a process that has exited (a writer killed long ago, for temp-file names)."""
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def minitron(*args, **kw):
     env = {**child_env(), "MINITRON_TRACEBACK": "0"}
     return subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli.main", *args],

@@ -122,7 +122,7 @@ def test_auto_transformer_impl_says_once_what_it_chose(capsys):
 
 
 def test_only_the_unactionable_warnings_are_filtered():
-    from megatron_minitron.cli.main import UNACTIONABLE_WARNINGS, filter_unactionable_warnings
+    from megatron_minitron import UNACTIONABLE_WARNINGS, filter_unactionable_warnings
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -51,6 +51,7 @@ def test_the_override_replaces_proc_cpuinfo_and_says_so(monkeypatch):
     choice = device.choose_precision(RuntimeConfig(), "cpu")
     assert choice.precision == "fp32" and "emulated" in choice.reason
     assert "not /proc/cpuinfo" in choice.reason
+    assert device.cpuinfo_flags() != device.cpu_flags()  # the real CPU's, for benchmarks
     # flags passed in by the caller are not the override's
     assert device.CPU_FLAGS_ENV not in device.native_bf16("cpu", flags=frozenset({NATIVE}))[1]
     monkeypatch.delenv(device.CPU_FLAGS_ENV)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_process import minitron
+from cli_process import dead_pid, minitron
 from distributed import next_port, run_distributed
+from megatron_minitron.runtime.atomic_files import TMP_TAG
 from precision import fp32_unless_set
 
 BASE = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
@@ -75,7 +76,7 @@ def runs(tmp_path_factory):
     shards = sorted(partial.glob("train-*.npz"))
     shards[0].unlink()
     shards[1].write_bytes(shards[1].read_bytes()[:-10])
-    (partial / "train-0000000099.123.tmp").write_bytes(b"x")
+    (partial / f"train-0000000099{TMP_TAG}{dead_pid()}").write_bytes(b"x")  # a killed writer's
     two = run_distributed(_jobs, 2, [
         ("distill", str(d / "tp2"), distill + ["parallel.tensor_model_parallel_size=2"]),
         ("distill", str(d / "tp2_topk"), distill + ["parallel.tensor_model_parallel_size=2",
@@ -116,7 +117,7 @@ def test_interrupted_write_resumes_to_the_same_records(runs):
     full, resumed = records(runs["cache"]), records(runs["partial"])
     assert full.keys() == resumed.keys() and len(full) == 3 * 4 + 4
     assert (Path(runs["partial"]) / "index.json").is_file()
-    assert not list(Path(runs["partial"]).glob("*.tmp"))
+    assert not list(Path(runs["partial"]).glob(f"*{TMP_TAG}*"))
     for key, want in full.items():
         got = resumed[key]
         for name in ("samples", "token_hash", "topk_ids", "sampled_ids", "sampled_counts"):

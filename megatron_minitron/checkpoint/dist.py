@@ -24,6 +24,7 @@ from megatron_minitron.checkpoint import integrity
 from megatron_minitron.checkpoint.write_queue import queue_dies_with_process
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
+from megatron_minitron.runtime import atomic_files
 from megatron_minitron.runtime.rank import is_rank0
 
 HEADER = "minitron.json"
@@ -164,7 +165,8 @@ def save(root: str, step: int, chunks: List[torch.nn.Module], header: Checkpoint
     tmp = final.with_name(final.name + ".tmp")
     rank0 = is_rank0()
     if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in Path(root).glob("step_*.tmp"):  # saves killed midway, of any step
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     sd: Dict[str, Any] = {"model": model_sharded_state_dict(chunks)}
@@ -179,13 +181,20 @@ def save(root: str, step: int, chunks: List[torch.nn.Module], header: Checkpoint
     if scheduler is not None:
         header.extra["scheduler"] = scheduler.state_dict()
     queue_dies_with_process()  # megatron's writer starts a Manager server on the first save
-    dist_checkpointing.save(sd, str(tmp))
-    _barrier()
+    try:
+        dist_checkpointing.save(sd, str(tmp))
+        _barrier()
+        if rank0:
+            header.files = integrity.hash_files(tmp, HEADER)
+            atomic_files.write_text(tmp / HEADER, header.to_json())
+    except BaseException as e:
+        if not _disk_full(e):
+            raise
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise atomic_files.DiskFull(tmp, state_bytes(sd)) from e
     if rank0:
-        header.files = integrity.hash_files(tmp, HEADER)
-        (tmp / HEADER).write_text(header.to_json())
-        if final.exists():
-            shutil.rmtree(final)
+        atomic_files.remove_tree(final)  # a save of the same step again (after a resume)
         os.replace(tmp, final)
         _write_latest(Path(root), final.name)
         if keep_last:
@@ -195,15 +204,37 @@ def save(root: str, step: int, chunks: List[torch.nn.Module], header: Checkpoint
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(name)
-    os.replace(tmp, root / LATEST)
+    atomic_files.write_text(root / LATEST, name)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, raised here or inside torch.distributed.checkpoint's per-rank failures."""
+    seen = 0
+    while e is not None and seen < 8:
+        if atomic_files.is_disk_full(e):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict) and any(
+                isinstance(f, tuple) and f and _disk_full(f[0]) for f in failures.values()):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def state_bytes(sd: Any) -> int:
+    """Bytes of the tensors this rank saves (what a checkpoint needs on disk, about)."""
+    if isinstance(sd, dict):
+        return sum(state_bytes(v) for v in sd.values())
+    if isinstance(sd, (list, tuple)):
+        return sum(state_bytes(v) for v in sd)
+    data = getattr(sd, "data", sd)
+    return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else 0
 
 
 def _prune_old(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and ".tmp" not in p.name)
     for p in steps[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        atomic_files.remove_tree(p)
 
 
 def load(path: str, chunks: List[torch.nn.Module], optimizer=None, scheduler=None, ctx=None,
@@ -325,7 +356,7 @@ def resolve_intact(root: str, field: str, verify: bool = True) -> Optional[Path]
     which newer ones were skipped as damaged. Raises when every one is damaged."""
     newest = resolve(root)
     steps = sorted((q for q in Path(root).expanduser().glob("step_*")
-                    if q.is_dir() and not q.name.endswith(".tmp") and (q / HEADER).is_file()),
+                    if q.is_dir() and ".tmp" not in q.name and (q / HEADER).is_file()),
                    reverse=True)
     candidates = ([newest] if newest else []) + [q for q in steps if q != newest]
     if not candidates or not verify:

@@ -19,6 +19,7 @@ from megatron_minitron.checkpoint import hf_keymap as keymap
 from megatron_minitron.checkpoint.hf_keymap import hf_export_problem  # noqa: F401 (public API)
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
+from megatron_minitron.runtime import atomic_files
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -215,11 +216,12 @@ def mcore_to_hf(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in
                keymap.mcore_to_hf_state_dict(sd, cfg, model_type).items()}
     del sd
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    with atomic_files.replacing(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_files.write_json(out / "config.json", hf_cfg, indent=2)
     gen = dict(hf_extra.get("generation_config") or {})
     gen.update({k: hf_cfg[k] for k in keymap.TOKEN_ID_FIELDS if k in hf_cfg and k not in gen})
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    atomic_files.write_json(out / "generation_config.json", gen, indent=2)
     tok = header.tokenizer or {}
     if tok.get("type") == "huggingface" and tok.get("path"):
         tok_path = Path(tok["path"])

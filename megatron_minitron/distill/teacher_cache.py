@@ -28,6 +28,7 @@ from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.data.sample_keys import SPLIT_IDS
 from megatron_minitron.distill.cache_records import token_hash
 from megatron_minitron.distill.cached_targets import SAMPLED, TOPK, CachedTargets
+from megatron_minitron.runtime import atomic_files
 
 HEADER, INDEX, FORMAT = "header.json", "index.json", 1
 
@@ -42,24 +43,30 @@ def file_digest(path: Path) -> str:
 
 def write_shard(folder: Path, split: str, arrays: Dict[str, np.ndarray]) -> str:
     """Write one shard atomically; its name (with its digest)."""
-    tmp = folder / f"{split}-{int(arrays['samples'][0]):010d}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    name = shard_name(split, int(arrays["samples"][0]), file_digest(tmp))
-    os.replace(tmp, folder / name)
+    tmp = atomic_files.temp_sibling(folder / f"{split}-{int(arrays['samples'][0]):010d}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        name = shard_name(split, int(arrays["samples"][0]), file_digest(tmp))
+        os.replace(tmp, folder / name)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if atomic_files.is_disk_full(e):
+            raise atomic_files.DiskFull(folder, sum(a.nbytes for a in arrays.values())) from e
+        raise
+    atomic_files.fsync_dir(folder)
     return name
 
 
 def intact_shards(folder: Path) -> Dict[str, List[int]]:
     """{shard name: its sample indices} of the shards whose content matches their name;
-    damaged shards and `.tmp` leftovers are removed (and named on stderr)."""
+    damaged shards and the temp files of killed writers are removed (and named on stderr)."""
     import sys
 
     out = {}
-    for p in sorted(folder.glob("*.tmp")):
-        p.unlink()
+    atomic_files.sweep_temp(folder)
     for p in sorted(folder.glob("*-*-*.npz")):
         if file_digest(p)[:16] != p.stem.rsplit("-", 1)[-1]:
             print(f"teacher cache: {p.name} does not match its digest; rewriting its samples",

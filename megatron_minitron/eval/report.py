@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from megatron_minitron.eval.suite import EVAL_MODELS
+from megatron_minitron.runtime import atomic_files
 
 REPORT = "report.md"
 PLOTS = "report"
@@ -71,7 +72,8 @@ def _table(rows: List[Dict[str, Any]], columns: List[str]) -> List[str]:
 def _save(fig, folder: Path, name: str) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(folder / name, dpi=100)
+    with atomic_files.replacing(folder / name) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     _plt().close(fig)
     return f"{PLOTS}/{name}"
 
@@ -240,5 +242,5 @@ def write_report(run_dir: str) -> Path:
             + ranking_section(run, plots) + params_loss_section(run, plots))
     lines += body or ["Nothing to report yet: no summary, metrics, scores or ranking found.", ""]
     path = run / REPORT
-    path.write_text("\n".join(lines))
+    atomic_files.write_text(path, "\n".join(lines))
     return path

@@ -23,13 +23,13 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
 from megatron_minitron.config.schema import MinitronConfig
+from megatron_minitron.runtime import atomic_files
 
 FORMAT = 1
 """Bump when what an entry holds changes."""
@@ -127,7 +127,5 @@ def write(cfg: MinitronConfig, key: Optional[str], checkpoint: str,
         return
     path = entry_path(cfg, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "checkpoint": str(checkpoint), "scores": scores},
-                              indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_files.write_json(path, {"key": key, "checkpoint": str(checkpoint), "scores": scores},
+                            indent=1)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.runtime.console import foreign_output
+from megatron_minitron.runtime import atomic_files
 
 EVAL_FILE = "eval.json"
 EVAL_MODELS = "eval_models.json"
@@ -130,7 +131,7 @@ def same_samples(a: List[Any], b: List[Any]) -> bool:
 def write_eval_json(result: Dict[str, Any], folder: str) -> Path:
     path = Path(folder) / EVAL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    atomic_files.write_json(path, result, indent=2, sort_keys=True)
     return path
 
 

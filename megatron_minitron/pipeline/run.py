@@ -22,6 +22,7 @@ from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.pipeline import stages
 from megatron_minitron.runtime.distributed import barrier, process_group_held
 from megatron_minitron.runtime.run_lock import hold_run_dir
+from megatron_minitron.runtime import atomic_files
 
 MARKER = "stage.json"
 
@@ -49,10 +50,8 @@ class StageRunner:
         outputs = fn(out)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_suffix(".tmp")
             record = {"stage": name, "seconds": round(time.time() - start, 1), "outputs": outputs}
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            tmp.replace(marker)
+            atomic_files.write_json(marker, record, indent=2)
         barrier()
         return outputs
 
@@ -191,7 +190,7 @@ def run_pipeline(cfg: MinitronConfig) -> Dict:
                    "export": exported.get("hf_dir"), "run_dir": str(run_dir),
                    "teacher": teacher_label(p.teacher)}
         if rank == 0:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_files.write_json(run_dir / "summary.json", summary, indent=2)
         runner.force.add("report")  # cheap, and always reflects the latest outputs
         runner.run("report", lambda out: stages.report(cfg, summary, out))
     return summary

@@ -31,6 +31,7 @@ from megatron_minitron.importance.scores import load_scores
 from megatron_minitron.pruning.plan import make_plan, resolve_target
 from megatron_minitron.pruning.candidates import Candidate, search_candidates
 from megatron_minitron.runtime.rank import is_rank0
+from megatron_minitron.runtime import atomic_files
 
 
 @dataclass
@@ -188,9 +189,7 @@ def run_candidate(cfg: MinitronConfig, inputs: Inputs, cand: Candidate, target,
            "iters": iters, "tokens": iters * want["global_batch_size"] * want["seq_length"],
            "settings": want}
     if is_rank0():
-        tmp = result.with_name(result.name + ".tmp")
-        tmp.write_text(json.dumps(row, indent=2))
-        tmp.replace(result)
+        atomic_files.write_json(result, row, indent=2)
     return row
 
 
@@ -233,8 +232,8 @@ def run_search(cfg: MinitronConfig, candidates: Optional[List[Candidate]] = None
         plans.append(make_plan(src, resolve_target(src, pc), scores, pc))
     inputs.output.mkdir(parents=True, exist_ok=True)
     if is_rank0():
-        (inputs.output / "candidates.json").write_text(json.dumps(
-            [dataclasses.asdict(c) for c in candidates], indent=2))
+        atomic_files.write_json(inputs.output / "candidates.json",
+                                [dataclasses.asdict(c) for c in candidates], indent=2)
     ranking = rank_rows([run_candidate(cfg, inputs, c, p.target, p.layers)
                          for c, p in zip(candidates, plans)])
     stem = "ranking_zero_shot" if cfg.search.zero_shot else "ranking"
@@ -243,8 +242,8 @@ def run_search(cfg: MinitronConfig, candidates: Optional[List[Candidate]] = None
     how = ("zero-shot (right after pruning)" if cfg.search.zero_shot else
            f"after {ranking[0]['iters']} distillation steps ({ranking[0]['tokens']:,} tokens)")
     if is_rank0():
-        out_json.write_text(json.dumps(ranking, indent=2))
-        out_md.write_text(f"# Architecture search: {len(ranking)} candidates, budget "
+        atomic_files.write_json(out_json, ranking, indent=2)
+        atomic_files.write_text(out_md, f"# Architecture search: {len(ranking)} candidates, budget "
                           f"{inputs.budget:,} parameters\n\nValidation loss {how}.\n\n{table}")
         print(table, end="")
     return SearchResult(ranking[0], ranking, out_json, out_md)

@@ -18,6 +18,7 @@ from megatron_minitron.config.parallel import ParallelConfig
 from megatron_minitron.config.schema import MinitronConfig, RunConfig
 from megatron_minitron.config.train import TrainConfig
 from megatron_minitron.runtime.rank import is_rank0
+from megatron_minitron.runtime import atomic_files
 
 
 class StageIncomplete(Exception):
@@ -263,10 +264,10 @@ def evaluate_models(cfg: MinitronConfig, checkpoints: Dict[str, str], out: Path)
             bar.close()
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "models.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_files.write_json(out / "models.json", results, indent=2)
         if suites:
             write_eval_json(suites[list(checkpoints)[-1]], str(out))
-            (out / EVAL_MODELS).write_text(json.dumps({"models": suites}, indent=2) + "\n")
+            atomic_files.write_json(out / EVAL_MODELS, {"models": suites}, indent=2)
     return results
 
 

@@ -4,9 +4,8 @@ the kernel and page-faulting it in again on the next step.
 By default glibc serves allocations above a dynamic threshold (at most 32 MiB) with a fresh
 mmap and unmaps them when freed, and trims the heap's top above 128 KiB. A training step
 allocates the same activations, gradients and logits chunks every step, so each step
-page-faults them all in again: on the demo's LM step (10.5M parameters, 4 x 256 tokens) that
-was 25,000-27,000 minor faults and 80-90 ms of system time per step (bench/train_step.py's
-model; docs/PERFORMANCE.md). Raising both thresholds keeps that memory mapped, as a GPU
+page-faults them all in again (tests/test_allocator.py counts the faults of such a step with
+and without this setting). Raising both thresholds keeps that memory mapped, as a GPU
 caching allocator does: steady-state steps fault almost nothing. The process's resident size
 stays near its peak instead of shrinking between steps.
 

@@ -1,6 +1,7 @@
 """One writer per run folder: rank 0 holds an advisory fcntl lock on RUN_DIR/.lock for the
 stage, so a second job on the same run.dir stops at once instead of interleaving metrics and
-rotating the same checkpoints. The kernel drops the lock when its process dies (even by
+rotating the same checkpoints; taking it sweeps the temp files of writers killed midway
+(runtime/atomic_files.py). The kernel drops the lock when its process dies (even by
 kill -9), so a stale file never blocks. Re-entrant within a process: the pipeline holds its
 run folder while its stages take the lock again."""
 
@@ -13,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch.distributed as dist
 
 from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.runtime import atomic_files
 
 LOCK_FILE = ".lock"
 
@@ -43,6 +45,7 @@ def _acquire(run_dir: Path) -> Optional[str]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = (fd, 1)
+    atomic_files.sweep_temp(run_dir)  # what writers killed mid-write left; we are the writer now
     return None
 
 

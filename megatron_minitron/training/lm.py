@@ -14,6 +14,7 @@ from megatron_minitron.training.data_source import build_source, resolve_tokeniz
 from megatron_minitron.training.lm_step import LMStep
 from megatron_minitron.training.loop import LoopState
 from megatron_minitron.training.session import adopt_model_config, build_trainer, find_start
+from megatron_minitron.runtime import atomic_files
 
 StepFactory = Callable[[MinitronConfig, ParallelContext], Callable[[list], object]]
 
@@ -27,7 +28,7 @@ def write_resolved_config(cfg: MinitronConfig, rank: int) -> None:
                                          "precision_reason": choice.reason,
                                          "transformer_impl": resolve_transformer_impl(cfg.runtime),
                                          "attention_impl": resolve_attention_impl(cfg.runtime)}})
-        (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg) + resolved)
+        atomic_files.write_text(Path(cfg.run.dir) / "config.yaml", to_yaml(cfg) + resolved)
 
 
 def run_training(cfg: MinitronConfig, model_overridden: bool, step_factory: StepFactory

@@ -124,46 +124,46 @@ class Trainer:
     def run(self, state: LoopState) -> LoopState:
         t = self.cfg.train
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
-        preempt = PreemptionFlag()
         progress = Progress(t.train_iters, state.step, self.ctx.is_logging_rank and
                             self.cfg.logger.progress_bar)
         it = self._iterators(lambda: self.data.train_iterator(state.consumed_samples))
         guard = NonFiniteGuard(t.max_nonfinite_steps, t.optimizer.lr)
         ran = 0
         try:
-            while state.step < t.train_iters:
-                start = time.perf_counter()
-                losses = self.train_step(it)
-                state.step += 1
-                ran += 1
-                state.consumed_samples += t.global_batch_size
-                losses["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
-                losses["consumed_tokens"] = state.consumed_samples * self.cfg.data.seq_length
-                state.last_losses = losses
-                guard.update(state.step, bool(losses["skipped"]), losses)
-                losses["skipped_steps"] = float(guard.total)
-                if t.eval_interval and state.step % t.eval_interval == 0 \
-                        and state.step < t.train_iters:
-                    state.last_valid = self.evaluate()
-                    losses.update(state.last_valid)
-                if state.step % t.log_interval == 0 or state.step == t.train_iters or \
-                        guard.consecutive:
-                    self.writer.log(state.step, losses)
-                guard.check()
-                progress.update(state.step, {k: losses[k] for k in self.step.loss_names})
-                interval = self.cfg.checkpoint.save_interval
-                if interval and state.step % interval == 0 and state.step < t.train_iters:
-                    self.save(state)
-                if preempt.agreed(self.ctx.device):
-                    self.save(state)
-                    raise Requeue(f"saved step {state.step} to {self.checkpoint_root}")
-                if t.exit_after_iters and ran >= t.exit_after_iters and \
-                        state.step < t.train_iters:
-                    self.save(state)
-                    return state
-            state.last_valid = self.evaluate()
-            self.writer.log(state.step, state.last_valid)
-            self.save(state)
+            with PreemptionFlag() as preempt:
+                while state.step < t.train_iters:
+                    start = time.perf_counter()
+                    losses = self.train_step(it)
+                    state.step += 1
+                    ran += 1
+                    state.consumed_samples += t.global_batch_size
+                    losses["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+                    losses["consumed_tokens"] = state.consumed_samples * self.cfg.data.seq_length
+                    state.last_losses = losses
+                    guard.update(state.step, bool(losses["skipped"]), losses)
+                    losses["skipped_steps"] = float(guard.total)
+                    if t.eval_interval and state.step % t.eval_interval == 0 \
+                            and state.step < t.train_iters:
+                        state.last_valid = self.evaluate()
+                        losses.update(state.last_valid)
+                    if state.step % t.log_interval == 0 or state.step == t.train_iters or \
+                            guard.consecutive:
+                        self.writer.log(state.step, losses)
+                    guard.check()
+                    progress.update(state.step, {k: losses[k] for k in self.step.loss_names})
+                    interval = self.cfg.checkpoint.save_interval
+                    if interval and state.step % interval == 0 and state.step < t.train_iters:
+                        self.save(state)
+                    if preempt.agreed(self.ctx.device):
+                        self.save(state)
+                        raise Requeue(f"saved step {state.step} to {self.checkpoint_root}")
+                    if t.exit_after_iters and ran >= t.exit_after_iters and \
+                            state.step < t.train_iters:
+                        self.save(state)
+                        return state
+                state.last_valid = self.evaluate()
+                self.writer.log(state.step, state.last_valid)
+                self.save(state)
         finally:
             progress.close()
         return state

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from megatron_minitron.config.train import LoggerConfig
+from megatron_minitron.runtime import atomic_files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -32,8 +33,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": step, **{k: float(v) for k, v in values.items()}, "time": time.time()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(strict_record(record), allow_nan=False) + "\n")
+        atomic_files.append_line(self.path, json.dumps(strict_record(record), allow_nan=False))
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
@@ -56,17 +56,17 @@ def strict_record(record: Dict[str, float]) -> Dict:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """On resume, drop records of steps that the checkpoint does not contain (they are redone)."""
+    """On resume, drop records of steps that the checkpoint does not contain (they are redone),
+    and a last line torn by a crash; the file is replaced atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [r for r in atomic_files.read_json_lines(path) if r.get("step", 0) <= step]
+    atomic_files.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def read_metrics(run_dir: str):
     path = Path(run_dir) / METRICS_FILE
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = atomic_files.read_json_lines(path)
     for r in records:
         for k in r.pop(NONFINITE_KEY, []):
             r[k] = math.nan
@@ -84,7 +84,7 @@ def _start_wandb(run_dir: str, cfg: LoggerConfig, config_dict: Optional[dict]):
     resuming = id_file.exists()
     # Our own id: wandb.util.generate_id is gone from recent W&B releases.
     run_id = id_file.read_text().strip() if resuming else secrets.token_hex(6)
-    id_file.write_text(run_id)
+    atomic_files.write_text(id_file, run_id)
     if config_dict is None:
         config_dict = _resolved_config(run_dir)
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -14,13 +14,13 @@ All three carry the tag `minitron_demo`.
 """
 
 import json
-import os
 import random
 import re
 from pathlib import Path
 from typing import Callable, Dict, List
 
 from megatron_minitron.data.corpus import DEFAULT_CACHE_DIR, cache_root, demo_heldout_text
+from megatron_minitron.runtime import atomic_files
 
 VERSION = 1
 SEED = 1234
@@ -84,9 +84,7 @@ def task_file(task: str, cache_dir: str = DEFAULT_CACHE_DIR) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         items = BUILDERS[task](demo_heldout_text(cache_dir=cache_dir))
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(item) + "\n" for item in items))
-        os.replace(tmp, path)
+        atomic_files.write_text(path, "".join(json.dumps(item) + "\n" for item in items))
     return path
 
 
