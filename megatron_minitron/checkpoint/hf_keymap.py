@@ -2,10 +2,9 @@
 names <-> megatron-core GPTModel names (local layer spec, TP=1/PP=1 full tensors).
 
 Supported families: llama (incl. Llama 3.1 rope_scaling), mistral, qwen2 (QKV bias), qwen3
-(per-head q/k RMSNorm: megatron-core's qk_layernorm) and phi3 (fused qkv_proj and gate_up_proj,
-split into megatron's per-group QKV interleave on import and fused back on export).
-Refused by name (UNSUPPORTED_FAMILIES): Gemma 1/2/3, whose features megatron-core 0.16 cannot
-express with the local spec.
+(per-head q/k RMSNorm: megatron-core's qk_layernorm), phi3 (fused qkv_proj and gate_up_proj,
+split into megatron's per-group QKV interleave on import and fused back on export), the MoE
+families (hf_moe.py) and Gemma 1, 2 and 3 text (hf_gemma.py; their modules: models/gemma.py).
 RoPE: HF applies rotate_half to the two halves of each head, which is megatron-core's default
 rotary_interleaved=False, so q/k rows need no permutation.
 """
@@ -15,32 +14,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_minitron.checkpoint import hf_moe
+from megatron_minitron.checkpoint import hf_gemma, hf_moe
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM", **hf_moe.ARCHITECTURES}
-_ZERO_CENTRED_NORM = ("zero-centred (1+w) RMSNorm (TransformerConfig."
-                      "layernorm_zero_centered_gamma exists but the local spec's torch norm "
-                      "asserts it off; only Transformer Engine has it)")
-_EMBEDDING_SCALE = "embedding scaling by sqrt(hidden_size) (no TransformerConfig field)"
-_SOFT_CAP = "attention and final logit soft-capping (no TransformerConfig field)"
-_POST_NORMS = ("post-attention and post-feedforward norms (TransformerLayerSubmodules has no "
-               "post-sublayer norm)")
-_LOCAL_ROPE = ("a second RoPE base for sliding-window layers (rope_local_base_freq; GPTModel has "
-               "one rotary embedding)")
-_GEMMA3 = (_ZERO_CENTRED_NORM, _EMBEDDING_SCALE, _POST_NORMS, _LOCAL_ROPE)
-UNSUPPORTED_FAMILIES = {
-    "gemma": (_ZERO_CENTRED_NORM, _EMBEDDING_SCALE),
-    "gemma2": (_ZERO_CENTRED_NORM, _EMBEDDING_SCALE, _SOFT_CAP, _POST_NORMS),
-    "gemma3": _GEMMA3, "gemma3_text": _GEMMA3,
-}
-"""HF families refused at import: the features megatron-core 0.16 (local spec) cannot express.
-What it can (GeGLU with a tanh gelu, sliding-window alternation via window_size and
-window_attn_skip_freq, query_pre_attn_scalar via softmax_scale, Gemma 3's qk_layernorm) does
-not make up for them."""
+                 "phi3": "Phi3ForCausalLM", **hf_moe.ARCHITECTURES, **hf_gemma.ARCHITECTURES}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -74,17 +54,15 @@ def _rope(hf: Dict[str, Any], source: str) -> Tuple[float, Optional[RopeScaling]
 def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig for an HF config.json dict; ConfigError naming `source:field` otherwise."""
     model_type = hf.get("model_type")
-    if model_type in UNSUPPORTED_FAMILIES:
-        raise ConfigError(f"{source}:model_type", f"{model_type!r} needs "
-                          f"{'; '.join(UNSUPPORTED_FAMILIES[model_type])}, which megatron-core "
-                          "0.16 cannot express", f"convert one of {sorted(ARCHITECTURES)}")
+    gemma = model_type in hf_gemma.ARCHITECTURES or model_type in hf_gemma.MULTIMODAL
+    extra = hf_gemma.model_fields(hf, model_type, source) if gemma else {}
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"{source}:model_type", f"{model_type!r} is not supported",
                           f"convert one of {sorted(ARCHITECTURES)}")
     if model_type in hf_moe.ARCHITECTURES:
         return hf_moe.with_experts(model_config_from_hf(hf_moe.dense_view(hf), source), hf, source)
     act = hf.get("hidden_act", "silu")
-    if act not in ACTIVATIONS:
+    if not gemma and act not in ACTIVATIONS:
         raise ConfigError(f"{source}:hidden_act", f"{act!r} is not supported",
                           f"use one of {sorted(ACTIVATIONS)}")
     if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
@@ -108,7 +86,7 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
         if model_type in WINDOWED else None
     if window:  # full causal attention equals Mistral's sliding window up to `window` tokens
         max_pos = min(max_pos, int(window))
-    return ModelConfig(
+    fields = dict(
         num_layers=_need(hf, "num_hidden_layers", source),
         hidden_size=hidden,
         ffn_hidden_size=_need(hf, "intermediate_size", source),
@@ -120,7 +98,7 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         gated_linear_unit=True,
-        activation=ACTIVATIONS[act],
+        activation=ACTIVATIONS.get(act),
         position_embedding_type="rope",
         rotary_base=theta,
         rope_scaling=scaling,
@@ -128,6 +106,7 @@ def model_config_from_hf(hf: Dict[str, Any], source: str = "config.json") -> Mod
         add_qkv_bias=model_type == "qwen2",
         qk_layernorm=model_type == "qwen3",
     )
+    return ModelConfig(**{**fields, **extra})
 
 
 WINDOWED = ("mistral", "phi3", "mixtral")
@@ -143,6 +122,8 @@ KEPT_HF_FIELDS = {"mistral": ("sliding_window", "max_position_embeddings"),
 def default_model_type(cfg: ModelConfig) -> str:
     if cfg.num_moe_experts is not None:
         return hf_moe.default_model_type(cfg)
+    if hf_gemma.default_model_type(cfg):
+        return hf_gemma.default_model_type(cfg)
     if cfg.qk_layernorm:
         return "qwen3"
     return "qwen2" if cfg.add_qkv_bias else "llama"
@@ -159,6 +140,9 @@ def hf_export_problem(cfg: ModelConfig, model_type: Optional[str] = None) -> Opt
         if problem:
             return problem
         model_type = hf_moe.DENSE_FAMILY[model_type]
+    gemma = hf_gemma.export_problem(cfg, model_type)
+    if gemma or model_type in hf_gemma.ARCHITECTURES:
+        return gemma
     checks = [
         (cfg.normalization != "RMSNorm", f"HF {sorted(ARCHITECTURES)} use RMSNorm"),
         (not cfg.gated_linear_unit, f"HF {sorted(ARCHITECTURES)} use a gated (SwiGLU) MLP"),
@@ -217,7 +201,9 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str, dtype: str,
         "torch_dtype": dtype,
         "use_cache": True,
     }
-    if model_type == "llama":
+    if model_type in hf_gemma.ARCHITECTURES:
+        hf.update(hf_gemma.hf_fields(cfg, model_type))
+    elif model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type in WINDOWED:
         window = (extra or {}).get("sliding_window")
@@ -286,11 +272,13 @@ def tensor_maps(cfg: ModelConfig, model_type: Optional[str] = None) -> List[Tens
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         fc1 = (h + "mlp.gate_up_proj.weight",) if model_type == "phi3" else (
             h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight")
+        norms = hf_gemma.layer_norm_maps(model_type, m, h) if model_type in \
+            hf_gemma.ARCHITECTURES else [(m + "pre_mlp_layernorm.weight",
+                                          h + "post_attention_layernorm.weight")]
         maps += [
             TensorMap(m + "input_layernorm.weight", (h + "input_layernorm.weight",), "copy"),
             *_attention_maps(cfg, model_type, m, h + "self_attn."),
-            TensorMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",),
-                      "copy"),
+            *(TensorMap(ours, (theirs,), "copy") for ours, theirs in norms),
         ]
         if cfg.num_moe_experts is not None:
             maps += [TensorMap(*row) for row in hf_moe.layer_maps(cfg, model_type, i)]

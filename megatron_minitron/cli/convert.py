@@ -17,17 +17,15 @@ def load_convert_config(overrides: List[str]) -> MinitronConfig:
 def main(overrides: List[str]) -> None:
     root = load_convert_config(overrides)
     cfg = root.convert
-    from megatron_minitron.checkpoint import hf
+    from megatron_minitron.checkpoint import embedded, hf
     from megatron_minitron.runtime.console import foreign_output
 
     if cfg.direction == "hf_to_mcore":
         src = cfg.input
         # transformers' GGUF and weight-loading bars: to run.dir/stage.log
         with foreign_output(Path(root.run.dir) / "stage.log", root.logger.verbose):
-            if src == "smollm2":
-                from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
-
-                src = str(fetch_smollm2())
+            if embedded.is_embedded(src):
+                src = str(embedded.fetch(src))
             path = hf.hf_to_mcore(src, cfg.output)
     else:
         from megatron_minitron.checkpoint.dist import verified

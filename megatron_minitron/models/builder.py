@@ -1,5 +1,6 @@
 """ModelConfig -> megatron-core TransformerConfig -> GPTModel chunks for this rank."""
 
+from functools import partial
 from typing import List
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
+from megatron_minitron.models import gemma
 from megatron_minitron.models.moe import moe_layer_spec, moe_transformer_kwargs
 from megatron_minitron.runtime.device import (resolve_attention_impl, resolve_precision,
                                               resolve_transformer_impl)
@@ -17,7 +19,9 @@ def _squared_relu(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(F.relu(x), 2)
 
 
-ACTIVATION_FUNCS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "squared_relu": _squared_relu}
+ACTIVATION_FUNCS = {"silu": F.silu, "gelu": F.gelu,
+                    "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu,
+                    "squared_relu": _squared_relu}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
@@ -43,6 +47,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, runtime: Ru
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
+        softmax_scale=model.softmax_scale,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -94,6 +99,16 @@ def _own_swiglu(model: ModelConfig, runtime: RuntimeConfig) -> bool:
 def layer_spec(model: ModelConfig, runtime: RuntimeConfig):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    own = gemma.needs_own_parts(model)
+    if own and resolve_transformer_impl(runtime) == "transformer_engine":
+        raise ConfigError("runtime.transformer_impl", "Gemma's parts (zero-centred norms, "
+                          "post-sublayer norms, windows, soft-capping) are built on the local "
+                          "layer spec (models/gemma.py)", "set runtime.transformer_impl=local")
+    if own and (model.sliding_window is not None or model.attn_logit_softcapping is not None) \
+            and resolve_attention_impl(runtime) != "sdpa":
+        raise ConfigError("runtime.attention_impl", "sliding windows and attention soft-capping "
+                          "of this model are computed by models/attention.py's SDPAttention",
+                          "set runtime.attention_impl=auto or sdpa")
     if resolve_transformer_impl(runtime) == "transformer_engine":
         if model.num_moe_experts is not None:
             raise ConfigError("runtime.transformer_impl", "MoE models run on the local "
@@ -107,7 +122,7 @@ def layer_spec(model: ModelConfig, runtime: RuntimeConfig):
         from megatron_minitron.models.attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    return gemma.patch_spec(spec, model)
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
@@ -143,6 +158,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
         )
         if model.rope_scaling is not None and model.position_embedding_type == "rope":
             _apply_llama3_rope_scaling(gpt, model)
+        if gemma.needs_own_parts(model):
+            gemma.apply(gpt, model, config)
         gpt = gpt.to(device)
         if config.bf16:
             from megatron.core.transformer.module import Float16Module

@@ -25,7 +25,8 @@ HIDDEN_VECTORS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_lay
                   "pre_mlp_layernorm.bias", "self_attention.linear_qkv.layer_norm_weight",
                   "self_attention.linear_qkv.layer_norm_bias", "mlp.linear_fc1.layer_norm_weight",
                   "mlp.linear_fc1.layer_norm_bias", "self_attention.linear_proj.bias",
-                  "mlp.linear_fc2.bias")
+                  "mlp.linear_fc2.bias", "post_self_attn_layernorm.weight",
+                  "post_mlp_layernorm.weight")
 """A layer's tensors of shape [h]: they follow the kept hidden channels."""
 HEAD_DIM_VECTORS = ("self_attention.q_layernorm.weight", "self_attention.q_layernorm.bias",
                     "self_attention.k_layernorm.weight", "self_attention.k_layernorm.bias")

@@ -4,9 +4,16 @@ distill/fused_output.py), with exactly what megatron's ColumnParallelLinear does
 first, so gradients flow as they would through the layer."""
 
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+
+
+def final_logit_cap(gpt) -> Optional[float]:
+    """Gemma 2's soft-cap of the output logits (a hook on the output layer, models/gemma.py);
+    None for other models. A loss fused with the output GEMM would skip it, so the callers of
+    hidden_states_out run the output layer instead for a capped model."""
+    return getattr(gpt, "final_logit_softcapping", None)
 
 
 def output_weight(gpt) -> torch.Tensor:

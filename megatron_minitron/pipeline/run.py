@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from megatron_minitron.checkpoint import dist as ckpt
-from megatron_minitron.checkpoint.smollm2 import teacher_label
+from megatron_minitron.checkpoint.embedded import teacher_label
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.schema import MinitronConfig

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from megatron_minitron.checkpoint import dist as ckpt
+from megatron_minitron.checkpoint import embedded
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.parallel import ParallelConfig
 from megatron_minitron.config.schema import MinitronConfig, RunConfig
@@ -64,16 +65,15 @@ def import_teacher(cfg: MinitronConfig, out: Path) -> Dict:
     if src == "init":
         return init_teacher(cfg, out)
     quiet = lambda: foreign_output(out / "stage.log", cfg.logger.verbose)  # noqa: E731
-    if src == "smollm2":
-        from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
-
+    if embedded.is_embedded(src):
         with quiet():
-            src = str(fetch_smollm2()) if is_rank0() else src
+            src = str(embedded.fetch(src)) if is_rank0() else src
     elif not (Path(src).expanduser() / "config.json").is_file():
         if ckpt.resolve(src) is None:
             raise ConfigError("pipeline.teacher", f"{src} is neither a Hugging Face folder "
                               "(config.json) nor one of our checkpoints",
-                              "use smollm2, an HF model folder or a checkpoint folder")
+                              f"use one of {embedded.NAMES}, an HF model folder or a "
+                              "checkpoint folder")
         return {"checkpoint": str(ckpt.resolve(src))}
     dst = out / "checkpoint"
     with quiet():

@@ -125,7 +125,9 @@ def resolve_target(src: ModelConfig, cfg: PruneConfig) -> ModelConfig:
         if sizes[name] is None:
             sizes[name] = getattr(src, name)
         check_axis(name, sizes, src, cfg)
-    target = dataclasses.replace(src, kv_channels=src.kv_channels, **sizes,
+    kinds = {} if src.layer_types is None or sizes["num_layers"] == src.num_layers else {
+        "layer_types": None}  # which layers stay is make_plan's choice; it sets their kinds
+    target = dataclasses.replace(src, kv_channels=src.kv_channels, **sizes, **kinds,
                                  **moe_target_sizes(src, cfg, sizes))
     problem = hf_export_problem(target)  # transformers 5.x refuses e.g. hidden % heads != 0
     if problem is not None:
@@ -173,5 +175,8 @@ def make_plan(src: ModelConfig, target: ModelConfig, scores: Optional[Scores],
         heads.append(torch.cat([g_ * hpg + top(per_group[g_], hpg_new) for g_ in
                                 kept_groups.tolist()]))
     layers = select_layers(src, target.num_layers, scores, cfg)
+    if src.layer_types is not None:  # the kept layers keep their sliding / full attention
+        target = dataclasses.replace(target, layer_types=[src.layer_types[n - 1]
+                                                          for n in layers])
     return PrunePlan(src, target, hidden, ffn, groups, heads, layers,
                      *moe_plan(src, target, scores, top))

@@ -120,6 +120,7 @@ def prune_checkpoint(checkpoint: str, scores_path: Optional[str], cfg: PruneConf
         scores.check_model(src)
     target = resolve_target(src, cfg)
     plan = make_plan(src, target, scores, cfg)
+    target = plan.target  # with the kept layers' kinds (layer_types)
     chunks = build_model(src, ParallelConfig(), runtime, ctx.device)
     load(checkpoint, chunks, ctx=ctx)
     state = slice_state_dict(unwrap(chunks[0]).state_dict(), plan)

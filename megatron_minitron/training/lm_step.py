@@ -9,7 +9,9 @@ from megatron_minitron.distill.fused_output import fused_cross_entropy_loss, sch
 from megatron_minitron.models.builder import unwrap
 from megatron_minitron.models.forward import masked_token_loss, to_device
 from megatron_minitron.models.layers import output_layer
-from megatron_minitron.models.output_layer import hidden_states_out, output_weight
+from megatron_minitron.models.output_layer import (final_logit_cap, hidden_states_out,
+                                                  output_weight)
+from megatron_minitron.runtime.device import say_once
 
 
 class LMStep:
@@ -32,6 +34,10 @@ class LMStep:
     def forward_step(self, data_iterator, model):
         batch = to_device(next(data_iterator), self.device)
         gpt = unwrap(model)
+        if self.fused and gpt.post_process and final_logit_cap(gpt) is not None:
+            say_once("minitron: train.fused_lm_loss: this model soft-caps its final logits "
+                     "(Gemma 2), so its output layer and cross entropy run unfused")
+            self.fused = False
         if not (self.fused and gpt.post_process):
             output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             return output, partial(masked_token_loss, batch["loss_mask"])
