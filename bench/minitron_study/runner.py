@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from megatron_minitron.checkpoint import dist as ckpt
-from megatron_minitron.checkpoint.smollm2 import teacher_label
+from megatron_minitron.checkpoint.embedded import teacher_label
 from megatron_minitron.config.loader import load_config
 from megatron_minitron.config.schema import MinitronConfig
 from megatron_minitron.pipeline.run import final_model, round_configs
