@@ -97,8 +97,8 @@ def finish(p, attempt: Attempt, threads, err, timeout: float) -> Attempt:
 def stage_seconds(run_dir: Path) -> Dict[str, float]:
     """Stage name -> seconds, in pipeline order (the order of the stage markers' writes)."""
     marks = sorted(run_dir.glob("*/stage.json"), key=lambda m: m.stat().st_mtime)
-    return {json.loads(m.read_text())["stage"]: json.loads(m.read_text())["seconds"]
-            for m in marks}
+    records = [json.loads(m.read_text()) for m in marks]
+    return {r["stage"]: r["seconds"] for r in records}
 
 
 def reference(run_dir: Path, extra: List[str], timeout: float) -> Dict[str, float]:

@@ -14,7 +14,8 @@ from megatron_minitron.checkpoint import hf_keymap as keymap
 from megatron_minitron.checkpoint.hf import mcore_to_hf
 from megatron_minitron.config.errors import ConfigError
 from megatron_minitron.config.model import ModelConfig
-from test_hf_interop import ARCH_FIELDS, SEQ, TINY, VOCAB, _megatron_logits, _rel, _write_tokenizer
+from test_hf_interop import (ARCH_FIELDS, SEQ, TINY, VOCAB, _megatron_logits, _rel,
+                              _write_tokenizer, tp1_logits)
 from precision import FP32
 
 FAMILIES = {
@@ -126,13 +127,8 @@ def test_round_trip_bit_exact(converted, name, tmp_path):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_parity_tp1(converted, name):
-    from megatron_minitron.runtime.distributed import teardown
-
     _, ckpt, ids, hf_logits = converted[name]
-    try:
-        (logits,) = _megatron_logits(1, 1, [ckpt], ids)
-    finally:
-        teardown()
+    logits = tp1_logits(ckpt, ids)
     print(f"\n{name} TP=1 logits rel diff {_rel(logits, hf_logits):.2e}")
     assert logits.shape == hf_logits.shape and _rel(logits, hf_logits) < 1e-4
 
@@ -173,9 +169,10 @@ def test_shipped_configs_are_what_import_makes_and_prune_to_their_size(experimen
 
 # ---- importance -> prune -> distill -> export, per family ---------------------------------
 
-def _compress(root: str, jobs):
-    """Spawned, one process: for each (name, checkpoint, HF model_type): activation importance
-    on the demo corpus, prune to PRUNE[name], two distillation steps from the unpruned teacher,
+def compress(root: str, jobs):
+    """Spawned, one process: for each (name, checkpoint, prune target sizes, input ids):
+    activation importance on the demo corpus, prune to the sizes (depth by the block scores
+    where num_layers shrinks), two distillation steps from the unpruned teacher,
     HF export of the pruned and the distilled model, and our TP=1 logits of both."""
     from megatron_minitron.cli import distill, importance, prune
     from megatron_minitron.runtime.distributed import teardown
@@ -183,7 +180,7 @@ def _compress(root: str, jobs):
     out = {}
     common = [f"data.cache_dir={root}/cache", "data.seq_length=16", "logger.backend=none",
               "logger.progress_bar=false", FP32]
-    for name, ckpt, model_type, ids in jobs:
+    for name, ckpt, sizes, ids in jobs:
         d = f"{root}/{name}"
         next_port()
         importance.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
@@ -192,7 +189,7 @@ def _compress(root: str, jobs):
         next_port()
         prune.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
                              f"prune.scores={d}/scores.safetensors", f"prune.output={d}/pruned"]
-                   + [f"prune.target.{k}={v}" for k, v in PRUNE[name].items()])
+                   + [f"prune.target.{k}={v}" for k, v in sizes.items()])
         next_port()
         distill.main(common + [f"run.dir={d}/kd", f"checkpoint.load={d}/pruned",
                                f"distill.teacher_checkpoint={ckpt}", "train.train_iters=2",
@@ -212,8 +209,8 @@ def _compress(root: str, jobs):
 def test_each_family_prunes_distills_and_exports(converted, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    jobs = [(n, str(converted[n][1]), FAMILIES[n][0], converted[n][2]) for n in FAMILIES]
-    (results,) = run_distributed(_compress, 1, str(tmp_path), jobs)
+    jobs = [(n, str(converted[n][1]), PRUNE[n], converted[n][2]) for n in FAMILIES]
+    (results,) = run_distributed(compress, 1, str(tmp_path), jobs)
     for name, (pruned_hf, kd_hf, ours) in results.items():
         model_type, src = FAMILIES[name]
         want = dict(src, **PRUNE[name])

@@ -12,12 +12,13 @@ import torch
 from hf_fixtures import assert_same_weights, convert_all, random_hf_model
 
 from cli_process import minitron
-from distributed import next_port, run_distributed
+from distributed import run_distributed
 from megatron_minitron.checkpoint import hf_keymap as keymap
 from megatron_minitron.checkpoint.hf import mcore_to_hf
 from megatron_minitron.config.errors import ConfigError
-from precision import FP32
-from test_hf_interop import ARCH_FIELDS, SEQ, TINY, VOCAB, _megatron_logits, _rel, _write_tokenizer
+from test_hf_families import compress
+from test_hf_interop import (ARCH_FIELDS, SEQ, TINY, VOCAB, _megatron_logits, _rel,
+                              _write_tokenizer, tp1_logits)
 
 WINDOW = 5  # < SEQ: the sliding layers see fewer tokens than the global ones
 FAMILIES = {
@@ -138,13 +139,8 @@ def test_round_trip_bit_exact(converted, name, tmp_path):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_parity_tp1(converted, name):
-    from megatron_minitron.runtime.distributed import teardown
-
     _, ckpt, ids, hf_logits = converted[name]
-    try:
-        (logits,) = _megatron_logits(1, 1, [ckpt], ids)
-    finally:
-        teardown()
+    logits = tp1_logits(ckpt, ids)
     print(f"\n{name} TP=1 logits rel diff {_rel(logits, hf_logits):.2e}")
     assert logits.shape == hf_logits.shape and _rel(logits, hf_logits) < 1e-4
 
@@ -160,45 +156,11 @@ def test_parity_tp2_pp2(converted, tp, pp):
         assert _rel(logits, hf_logits) < 1e-4, name
 
 
-def _compress(root: str, jobs):
-    """Spawned, one process: importance, prune to PRUNE[name] (depth by the block scores),
-    two distillation steps, HF export of the pruned and the distilled model, their logits."""
-    from megatron_minitron.cli import distill, importance, prune
-    from megatron_minitron.runtime.distributed import teardown
-
-    out = {}
-    common = [f"data.cache_dir={root}/cache", "data.seq_length=16", "logger.backend=none",
-              "logger.progress_bar=false", FP32]
-    for name, ckpt, ids in jobs:
-        d = f"{root}/{name}"
-        next_port()
-        importance.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
-                                  "importance.num_samples=4", "importance.micro_batch_size=2",
-                                  f"importance.output={d}/scores.safetensors"])
-        next_port()
-        prune.main(common + [f"run.dir={d}", f"checkpoint.load={ckpt}",
-                             f"prune.scores={d}/scores.safetensors", f"prune.output={d}/pruned"]
-                   + [f"prune.target.{k}={v}" for k, v in PRUNE[name].items()])
-        next_port()
-        distill.main(common + [f"run.dir={d}/kd", f"checkpoint.load={d}/pruned",
-                               f"distill.teacher_checkpoint={ckpt}", "train.train_iters=2",
-                               "train.micro_batch_size=2", "train.global_batch_size=2",
-                               "train.eval_interval=0", "train.optimizer.lr_warmup_iters=0"])
-        pruned_hf = mcore_to_hf(f"{d}/pruned", f"{d}/pruned_hf", dtype="float32")
-        kd_hf = mcore_to_hf(f"{d}/kd/checkpoints", f"{d}/kd_hf", dtype="float32")
-        try:
-            logits = _megatron_logits(1, 1, [f"{d}/pruned", f"{d}/kd/checkpoints"], ids)
-        finally:
-            teardown()
-        out[name] = (str(pruned_hf), str(kd_hf), logits)
-    return out
-
-
 def test_each_gemma_prunes_distills_and_exports(converted, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    jobs = [(n, str(converted[n][1]), converted[n][2]) for n in FAMILIES]
-    (results,) = run_distributed(_compress, 1, str(tmp_path), jobs)
+    jobs = [(n, str(converted[n][1]), PRUNE[n], converted[n][2]) for n in FAMILIES]
+    (results,) = run_distributed(compress, 1, str(tmp_path), jobs)
     for name, (pruned_hf, kd_hf, ours) in results.items():
         model_type, src = FAMILIES[name]
         want = dict(src, **PRUNE[name])

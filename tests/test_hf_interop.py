@@ -118,6 +118,17 @@ def _megatron_logits(tp: int, pp: int, ckpts, ids):
     return [_forward(*_load(path, parallel, runtime, ctx), ids, ctx) for path in ckpts]
 
 
+def tp1_logits(ckpt, ids) -> torch.Tensor:
+    """Our logits of one checkpoint at TP=1, PP=1, in this process (its groups torn down)."""
+    from megatron_minitron.runtime.distributed import teardown
+
+    try:
+        (logits,) = _megatron_logits(1, 1, [ckpt], ids)
+    finally:
+        teardown()
+    return logits
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -161,13 +172,8 @@ def test_keymap_qkv_layout_round_trip():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_parity_tp1(converted, family):
-    from megatron_minitron.runtime.distributed import teardown
-
     _, ckpt, ids, hf_logits = converted[family]
-    try:
-        (logits,) = _megatron_logits(1, 1, [ckpt], ids)
-    finally:
-        teardown()
+    logits = tp1_logits(ckpt, ids)
     assert logits.shape == hf_logits.shape
     print(f"\n{family} TP=1 logits rel diff {_rel(logits, hf_logits):.2e}")
     assert _rel(logits, hf_logits) < 1e-4

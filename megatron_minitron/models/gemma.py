@@ -19,8 +19,6 @@ modules and forward hooks on a stock GPTModel (no subclass):
 """
 
 import math
-from typing import List
-
 import torch
 
 from megatron_minitron.config.model import ModelConfig
@@ -138,8 +136,3 @@ def apply(gpt, model: ModelConfig, config) -> None:
         if local_rope is not None and sliding:
             layer.self_attention.register_forward_pre_hook(_local_rope_hook(local_rope),
                                                            with_kwargs=True)
-
-
-def sliced_layer_types(model: ModelConfig, kept: List[int]):
-    """layer_types of the model keeping the 0-based layers `kept` (depth pruning)."""
-    return None if model.layer_types is None else [model.layer_types[i] for i in kept]

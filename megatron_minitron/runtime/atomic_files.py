@@ -106,11 +106,11 @@ def read_json_lines(path: Union[str, Path], field: str = "run.dir") -> List[dict
     path = Path(path)
     text = path.read_text(errors="replace")
     lines = text.split("\n")
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    final = filled[-1] if filled else -1
     records: List[dict] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        last = i == len(lines) - 1 or not any(s.strip() for s in lines[i + 1:])
+    for i in filled:
+        line, last = lines[i], i == final
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
