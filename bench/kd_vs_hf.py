@@ -10,6 +10,7 @@ megatron optimizer with clipping, fused output-layer forward-KL loss unless fuse
 
     python bench/kd_vs_hf.py [rounds=5] [mbs=4] [seq=512] [precision=fp32|bf16] [fused=true]
                              [device=auto|cpu|cuda] [teacher=smollm2|random] [profile=0]
+                             [shapes=false] [sides=ours,naive] [chunk=0]
 
 teacher=random needs no download (machines without the internet, such as the lent GPU): the
 teacher is SmolLM2-135M's shape randomly initialised and the student is it pruned by magnitude
@@ -20,11 +21,13 @@ Prints tokens/s (median and range over rounds), peak extra RSS per step (CPU: th
 high-water mark, reset before each step after glibc's retained free memory is handed back;
 GPU: peak allocated; two untimed steps each after the timed rounds), on CPU the time of the
 step's matrix products alone, linear layers and attention, at this machine's speed
-(bench/matmul_floor.py: the most tokens/s any fp32 implementation of the step could reach)
-and each side's share of it, and last the ratio ours / naive. Both steps run in one process,
+timed in the step's precision (bench/matmul_floor.py: the most tokens/s any implementation of
+the step in that precision could reach) and each side's share of it, and last the ratio ours / naive. Both steps run in one process,
 so both get what the process setup gives (our runtime's allocator settings included).
 The CPU model and its bf16 flags are printed first: state them with any figure.
-profile=N (N > 0): then each side's top N operators over 2 profiled steps (bench/op_profile.py).
+profile=N (N > 0): then each side's top N operators over 2 profiled steps (bench/op_profile.py);
+shapes=true: one row per operator and input shapes; sides=ours: profile our step only.
+chunk=N: distill.token_chunk_size (rows of the fused loss's chunks; 0: its default).
 """
 
 import sys
@@ -43,7 +46,8 @@ from stats import interleaved, ratio_summary  # noqa: E402
 
 WORK = "/tmp/minitron_bench_smollm2"
 DEFAULTS = {"rounds": 5, "mbs": 4, "seq": 512, "precision": "fp32", "fused": "true",
-            "device": "auto", "teacher": "smollm2", "work": WORK, "profile": 0}
+            "device": "auto", "teacher": "smollm2", "work": WORK, "profile": 0,
+            "shapes": "false", "sides": "ours,naive", "chunk": 0}
 
 
 def cpu_description() -> str:
@@ -96,8 +100,9 @@ class PeakMemory:
         return self._rss("VmHWM") - base
 
 
-def ours(k, teacher_ckpt: str, student_ckpt: str):
-    """(step function, device) of minitron distill's step on our checkpoints."""
+def ours(k, teacher_ckpt: str, student_ckpt: str, overrides=()):
+    """(trainer, device) of minitron distill's step on our checkpoints; `overrides`: more
+    Hydra overrides, applied last."""
     from megatron_minitron.checkpoint import dist as ckpt
     from megatron_minitron.config.loader import load_config
     from megatron_minitron.distill.kd_step import KDStep
@@ -114,7 +119,8 @@ def ours(k, teacher_ckpt: str, student_ckpt: str):
                        f"train.global_batch_size={k['mbs']}", f"runtime.precision={k['precision']}",
                        f"runtime.device={k['device']}", "logger.backend=none", "train.train_iters=1000",
                        "train.optimizer.lr=3e-4", "train.optimizer.lr_warmup_iters=0",
-                       f"distill.fused_output={k['fused']}"])
+                       f"distill.fused_output={k['fused']}", *overrides] +
+                      ([f"distill.token_chunk_size={k['chunk']}"] if k.get("chunk") else []))
     import dataclasses
 
     cfg = dataclasses.replace(cfg, model=student_model)
@@ -243,17 +249,19 @@ def main():
         # CPU time: steadier than wall time when other jobs share the cores
         print(f"CPU-time ratio ours / naive (naive CPU s / ours CPU s): "
               f"{ratio_summary(cpu['naive'], cpu['ours'])}")
-        f = step_floor(naive_step.teacher, naive_step.student, mbs, seq)
+        dtype = torch.bfloat16 if k["precision"] == "bf16" else torch.float32
+        f = step_floor(naive_step.teacher, naive_step.student, mbs, seq, dtype)
         share = {name: tps * f["total"] / tokens for name, tps in median_tps.items()}
         print(f"matrix products alone (bench/matmul_floor.py, timed here at this step's "
-              f"shapes): linear layers {f['linear']:.2f} s + attention {f['attention']:.2f} s "
+              f"shapes in {k['precision']}): linear layers {f['linear']:.2f} s + attention {f['attention']:.2f} s "
               f"per step = at most {tokens / f['total']:.0f} tokens/s; ours at "
               f"{share['ours']:.0%} of it, naive at {share['naive']:.0%}; 1.5 x naive would "
               f"be {1.5 * share['naive']:.0%}")
     if k["profile"] > 0:
-        for name, fn in steps.items():
+        for name in k["sides"].split(","):
             print(f"{name}: top operators by self CPU time (torch.profiler, 2 steps)")
-            print(top_ops(fn, steps=2, rows=k["profile"]))
+            print(top_ops(steps[name], steps=2, rows=k["profile"],
+                          shapes=k["shapes"] == "true"))
     print(f"tokens/s ratio ours / naive: {ratio_summary(times['naive'], times['ours'])}")
 
 

@@ -4,7 +4,8 @@ naive loop, ours, any other), and so an upper bound on its tokens/s.
 
 Linear layers (the output layer included): the teacher's forward products, the student's
 forward and both backward products (input gradient, weight gradient); each distinct shape
-timed on its own with torch.mm. Attention: torch's causal scaled_dot_product_attention at the
+timed on its own with torch.mm, in the step's precision (bf16 products with bf16 inputs and
+outputs, as both sides' bf16 steps run them; fp32 otherwise). Attention: torch's causal scaled_dot_product_attention at the
 step's batch, heads and sequence length, the teacher's forward and the student's forward +
 backward, once per layer (both sides of the comparison run this kernel). Every figure is the
 median of `repeats` calls after a warm-up. Left out, so the true floor is higher:

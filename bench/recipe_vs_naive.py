@@ -135,12 +135,18 @@ def windows(tokenizer, work: str, count: int, split: str):
     return out
 
 
-@torch.no_grad()
 def hf_losses(model_dir: str, wins) -> dict:
-    """{text: mean next-token loss in nats} of a Hugging Face model in fp32."""
+    """{text: mean next-token loss in nats} of a Hugging Face model folder in fp32."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model_losses(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                        wins)
+
+
+@torch.no_grad()
+def model_losses(model, wins) -> dict:
+    """{text: mean next-token loss in nats} of a loaded Hugging Face model, 4 windows a call."""
+    model.eval()
     out = {}
     for name, w in wins.items():
         losses = [model(input_ids=w[i:i + 4], labels=w[i:i + 4]).loss.item()

@@ -236,6 +236,8 @@ TP2_CASES = [
     dict(kind=k, real=None, mask=False, ce=0.0) for k in KINDS
 ] + [
     dict(kind=k, real=V - 7, mask=True, ce=0.5) for k in KINDS  # padding in rank 1's shard
+] + [
+    dict(kind="forward_kl", real=V - 7, mask=True, ce=0.0, temp=1.0)  # CE from the KD's pass
 ]
 
 
@@ -246,7 +248,8 @@ def _tp2_case_inputs(case):
     labels = torch.randint(0, case["real"] or V, (B, S),
                            generator=torch.Generator().manual_seed(3))
     # top_k 6 > the 5 real columns of rank 1 when padded: its candidates are padded with -inf
-    cfg = DistillConfig(logit_loss=case["kind"], top_k=6, temperature=1.7, token_chunk_size=4,
+    cfg = DistillConfig(logit_loss=case["kind"], top_k=6, temperature=case.get("temp", 1.7),
+                        token_chunk_size=4,
                         ce_weight=case["ce"], scale_by_temperature_squared=True)
     return s, t, mask, labels, cfg
 
@@ -267,7 +270,7 @@ def _tp2_worker(cases):
                                       labels=labels, real_vocab_size=case["real"],
                                       tp_group=dist.group.WORLD, reduction="mean")
         out.loss.backward()
-        results.append((out.loss.detach(), s_local.grad))
+        results.append((out.loss.detach(), s_local.grad, out.ce))
     return results
 
 
@@ -283,9 +286,15 @@ def test_tp2_matches_reference(tp2_results, i):
     s2 = s.double().requires_grad_()
     ref = reference(s2, t, cfg, mask=mask, labels=labels, real=TP2_CASES[i]["real"])
     ref.backward()
-    (loss0, grad0), (loss1, grad1) = tp2_results[0][i], tp2_results[1][i]
+    (loss0, grad0, ce0), (loss1, grad1, ce1) = tp2_results[0][i], tp2_results[1][i]
     torch.testing.assert_close(loss0, loss1)  # every TP rank sees the same loss
     assert_close(loss0, torch.cat([grad0, grad1], dim=-1), ref, s2.grad)
+    real = TP2_CASES[i]["real"] or V  # the logged CE: over the real vocabulary, masked mean
+    per_token = F.cross_entropy(s[..., :real].double().reshape(-1, real),
+                                labels.t().reshape(-1), reduction="none")
+    m = torch.ones(S * B, dtype=torch.float64) if mask is None else mask.t().reshape(-1).double()
+    torch.testing.assert_close(ce0.double(), (per_token * m).sum() / m.sum())
+    torch.testing.assert_close(ce0, ce1)
 
 
 # --- hidden states, balancing, config ----------------------------------------------------------
@@ -364,13 +373,16 @@ def test_bad_shapes_are_explained():
     assert math.isfinite(logit_distillation_loss(s, t, DistillConfig()).loss.item())
 
 
-def test_logged_cross_entropy_comes_free_with_the_kd_loss():
-    """ce_weight=0 with labels: the student's CE is reported from the same chunked pass, and
-    it neither enters the loss nor its gradient."""
+@pytest.mark.parametrize("kind,temperature", [("forward_kl", 1.0), ("forward_kl", 2.0),
+                                               ("reverse_kl", 1.0)])
+def test_logged_cross_entropy_comes_free_with_the_kd_loss(kind, temperature):
+    """ce_weight=0 with labels: the student's CE is reported from the same chunked pass (forward
+    KL at T=1: read from the divergence's own log-softmax; otherwise a logsumexp of its own),
+    and it neither enters the loss nor its gradient."""
     s, t = make_logits(seed=21)
     labels = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
     s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
-    cfg = DistillConfig(temperature=2.0, token_chunk_size=3)
+    cfg = DistillConfig(logit_loss=kind, temperature=temperature, token_chunk_size=3)
     logged = logit_distillation_loss(s1, t, cfg, labels=labels, reduction="mean")
     plain = logit_distillation_loss(s2, t, cfg, reduction="mean")
     torch.testing.assert_close(logged.ce, F.cross_entropy(s.reshape(-1, V), labels.t().reshape(-1)))

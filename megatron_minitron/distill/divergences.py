@@ -11,6 +11,7 @@ are derived in the docstrings; the tests check them against autograd on float64 
 """
 
 import math
+from typing import Optional
 
 import torch
 
@@ -44,10 +45,30 @@ def log_softmax_(x: torch.Tensor, group) -> torch.Tensor:
 
 def forward_kl(s: torch.Tensor, t: torch.Tensor, group):
     """KL(p || q) = sum p (log p - log q), p = teacher, q = student; d/dz_s = q - p."""
+    loss, grad, _ = forward_kl_and_ce(s, t, group)
+    return loss, grad
+
+
+def forward_kl_and_ce(s: torch.Tensor, t: torch.Tensor, group,
+                      labels: Optional[torch.Tensor] = None, vocab_start: int = 0):
+    """forward_kl, and with `labels` (global ids [c]) also the student's per-token cross
+    entropy -log q[label] read from the same log-softmax (no gradient; the temperature-1 LM
+    loss when s is unscaled), else None: one pass over the logits fewer than
+    cross_entropy_value."""
     logq, logp = log_softmax_(s, group), log_softmax_(t, group)
+    ce = None if labels is None else -_picked(logq, labels, vocab_start, group)
     p = logp.exp()
     loss = all_reduce_sum_(logp.sub_(logq).mul_(p).sum(dim=-1), group)
-    return loss, logq.exp_().sub_(p)
+    return loss, logq.exp_().sub_(p), ce
+
+
+def _picked(x: torch.Tensor, labels: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
+    """x[i, labels[i]] as fp32 [c] from the rank whose shard holds the label, summed over TP."""
+    v = x.shape[-1]
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < v)
+    picked = x.gather(-1, local.clamp(0, max(v - 1, 0)).unsqueeze(-1)).squeeze(-1).float()
+    return all_reduce_sum_(torch.where(owned, picked, 0.0), group)
 
 
 def reverse_kl(s: torch.Tensor, t: torch.Tensor, group):
@@ -130,12 +151,7 @@ def cross_entropy_value(z: torch.Tensor, labels: torch.Tensor, vocab_start: int,
                         ) -> torch.Tensor:
     """Per-token student cross entropy [c] at temperature 1, without a gradient (for the log):
     logsumexp(z) - z[label]. Reads z [c, v/tp] (any float dtype), writes nothing to it."""
-    c, v = z.shape
-    local = labels - vocab_start
-    owned = (local >= 0) & (local < v)
-    picked = z.gather(-1, local.clamp(0, max(v - 1, 0)).unsqueeze(-1)).squeeze(-1).float()
-    picked = all_reduce_sum_(torch.where(owned, picked, 0.0), group)
-    return logsumexp(z.float(), group) - picked
+    return logsumexp(z.float(), group) - _picked(z, labels, vocab_start, group)
 
 
 def cross_entropy(s: torch.Tensor, labels: torch.Tensor, vocab_start: int, group):

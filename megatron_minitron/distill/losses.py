@@ -117,7 +117,11 @@ def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: Optional[torch.Te
         sums[1] += (per_token * w).sum()
         g_ce.mul_((w * cfg.ce_weight).unsqueeze(-1))
         del x
-    elif labels is not None:  # the student's LM loss for the log, no gradient
+    # the student's LM loss for the log, no gradient: from forward KL's own log-softmax when
+    # that is the student's at temperature 1, else a logsumexp pass of its own
+    ce_from_kd = (g_ce is None and labels is not None and cfg.logit_loss == "forward_kl"
+                  and temp == 1.0 and torch.is_tensor(t_raw))
+    if g_ce is None and labels is not None and not ce_from_kd:
         sums[1] += (divergences.cross_entropy_value(s_raw, labels, vocab_start, group) * w).sum()
     if t_raw is None:
         return g_ce
@@ -125,6 +129,11 @@ def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: Optional[torch.Te
     s = _scaled_fp32(s_raw, temp, copy)
     if isinstance(t_raw, CachedTargets):  # the teacher read from a cache
         per_token, g = t_raw.divergence(s, vocab_start, group)
+    elif ce_from_kd:
+        t = _scaled_fp32(t_raw, temp, copy)
+        per_token, g, ce = divergences.forward_kl_and_ce(s, t, group, labels, vocab_start)
+        sums[1] += (ce * w).sum()
+        del t, ce
     else:
         t = _scaled_fp32(t_raw, temp, copy)
         per_token, g = _divergence(cfg, s, t, vocab_start, group)
