@@ -107,6 +107,8 @@ CASES = [
     ("lr_negative", "train", ["train.optimizer.lr=-1"], "train.optimizer.lr", "lr > 0"),
     ("lr_decay_style", "train", ["train.optimizer.lr_decay_style=step"],
      "train.optimizer.lr_decay_style", "cosine"),
+    ("time_budget_cosine", "train", ["train.time_budget_s=60"],
+     "train.optimizer.lr_decay_style", "constant, or wsd"),
     ("warmup_too_long", "train", ["train.optimizer.lr_warmup_iters=5"],
      "train.optimizer.lr_warmup_iters", "fewer warmup"),
     ("global_batch_indivisible", "train", ["train.global_batch_size=3"],

@@ -40,7 +40,14 @@ class PipelineConfig:
     """Prune -> distill rounds to reach the target. >1: intermediate parameter budgets spaced
     geometrically between the teacher and the target, each round re-scoring the last student."""
     distill_iters: int = 200
-    """Distillation steps per round (train.* gives batch size, lr and the rest)."""
+    """Distillation steps per round (train.* gives batch size, lr and the rest); with
+    distill_time_budget_s, the most steps a round may take."""
+    distill_time_budget_s: float = 0.0
+    """Seconds of optimizer steps per distillation round (train.time_budget_s of the distill
+    stage; checkpointing, evaluation and export still run after it): the round distils until
+    the budget is spent or distill_iters steps are done, so a faster machine learns from more
+    tokens in the same time; the tokens used are in the summary and report. 0: distill_iters
+    steps. Needs train.optimizer.lr_decay_style constant or wsd."""
     teacher_cache: bool = False
     """Cache the (corrected) teacher's distributions once (run.dir/teacher_cache, `minitron
     cache-teacher` with cache.*) and run the search candidates' and every round's
@@ -67,6 +74,9 @@ class PipelineConfig:
         if self.param_fraction is not None and not 0 < self.param_fraction < 1:
             raise ConfigError("pipeline.param_fraction", f"{self.param_fraction} not in (0, 1)",
                               "use e.g. 0.5 for half the non-embedding parameters")
+        if self.distill_time_budget_s < 0:
+            raise ConfigError("pipeline.distill_time_budget_s", f"{self.distill_time_budget_s} < 0",
+                              "use 0 for distill_iters steps, or the seconds per round")
         if self.eval_samples < 1:
             raise ConfigError("pipeline.eval_samples", "must be >= 1", "use e.g. 64")
         bad = [s for s in self.force if s not in STAGES and s != "all"]

@@ -15,7 +15,9 @@ from megatron_minitron.config.search import SearchConfig
 from megatron_minitron.config.model import ModelConfig
 from megatron_minitron.config.parallel import ParallelConfig, RuntimeConfig
 from megatron_minitron.config.pipeline import PipelineConfig
-from megatron_minitron.config.train import CheckpointConfig, LoggerConfig, TrainConfig
+from megatron_minitron.config.errors import ConfigError
+from megatron_minitron.config.train import (CheckpointConfig, LoggerConfig, TrainConfig,
+                                            time_budget_problem)
 
 
 @dataclass
@@ -67,6 +69,11 @@ class MinitronConfig:
 
     def __post_init__(self):
         self.validate_layout()
+        problem = time_budget_problem(self.train.optimizer.lr_decay_style,
+                                      self.pipeline.distill_time_budget_s)
+        if problem:  # said before any stage runs, not when the distill stage builds its config
+            raise ConfigError("pipeline.distill_time_budget_s", problem,
+                              "set train.optimizer.lr_decay_style=constant or wsd")
 
     # Defaults that span sections: where each stage reads and writes when its own field is None.
 
@@ -142,7 +149,6 @@ class MinitronConfig:
 
     def validate_layout(self):
         """Cross-section checks: the model's shapes against the parallel layout."""
-        from megatron_minitron.config.errors import ConfigError
 
         m, p = self.model, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size

@@ -27,15 +27,35 @@ class OptimizerConfig:
     lr_warmup_iters: int = 10
     """Linear warmup steps."""
     lr_decay_style: str = "cosine"
-    """"cosine", "linear" or "constant"."""
+    """"cosine", "linear", "constant" or "wsd" (warmup-stable-decay: constant after warmup,
+    then linear to min_lr over the last lr_wsd_decay_fraction of the run: of
+    train.time_budget_s when one is set, else of the steps)."""
+    lr_wsd_decay_fraction: float = 0.2
+    """lr_decay_style=wsd: the share of the run (time or steps) that decays."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("train.optimizer.lr", f"lr={self.lr}, min_lr={self.min_lr}",
                               "use 0 <= min_lr <= lr and lr > 0")
-        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+        if self.lr_decay_style not in DECAY_STYLES:
             raise ConfigError("train.optimizer.lr_decay_style", f"unknown {self.lr_decay_style!r}",
-                              "use cosine, linear or constant")
+                              f"use one of {', '.join(DECAY_STYLES)}")
+        if not 0 < self.lr_wsd_decay_fraction <= 1:
+            raise ConfigError("train.optimizer.lr_wsd_decay_fraction",
+                              f"{self.lr_wsd_decay_fraction} not in (0, 1]", "use e.g. 0.2")
+
+
+DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
+STEP_COUNTED_STYLES = ("cosine", "linear")
+"""Decay styles defined over train_iters steps, which a time budget does not fix."""
+
+
+def time_budget_problem(style: str, budget_s: float) -> Optional[str]:
+    """Why a time budget cannot drive this schedule, or None."""
+    if budget_s > 0 and style in STEP_COUNTED_STYLES:
+        return (f"lr_decay_style={style} decays over train_iters steps, which a time budget of "
+                f"{budget_s:g} s does not fix")
+    return None
 
 
 @dataclass
@@ -57,6 +77,12 @@ class TrainConfig:
     """Log every this many steps."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer and LR schedule."""
+    time_budget_s: float = 0.0
+    """Train until this many seconds of optimizer steps are spent (validation and checkpoint
+    writes are not counted; the count is saved with each checkpoint, so a resumed or requeued
+    run continues the same budget), or train_iters steps, whichever comes first; the steps and
+    tokens actually used are logged (consumed_tokens) and reported. 0: train_iters steps.
+    Needs optimizer.lr_decay_style constant or wsd (decay over the budget's last fraction)."""
     exit_after_iters: Optional[int] = None
     """Stop (after checkpointing) once this many steps ran in this process; for tests of
     resume and for time-sliced jobs."""
@@ -75,6 +101,14 @@ class TrainConfig:
                      "log_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", "must be >= 1", "use a positive integer")
+        if self.time_budget_s < 0:
+            raise ConfigError("train.time_budget_s", f"{self.time_budget_s} < 0",
+                              "use 0 for no budget, or the seconds to train")
+        problem = time_budget_problem(self.optimizer.lr_decay_style, self.time_budget_s)
+        if problem:
+            raise ConfigError("train.optimizer.lr_decay_style", problem,
+                              "use constant, or wsd to decay over the budget's last "
+                              "lr_wsd_decay_fraction")
         if self.optimizer.lr_warmup_iters >= self.train_iters:
             raise ConfigError("train.optimizer.lr_warmup_iters",
                               f"{self.optimizer.lr_warmup_iters} warmup steps for "

@@ -107,13 +107,18 @@ def stage_train_config(train: TrainConfig, iters: int, lr: Optional[float] = Non
     return dataclasses.replace(train, train_iters=iters, optimizer=opt)
 
 
-def _train(cfg: MinitronConfig, init: str, out: Path, iters: int, run, lr=None) -> Dict:
-    """Fine-tune from `init` for `iters` steps in `out` (resuming its own checkpoints)."""
+def _train(cfg: MinitronConfig, init: str, out: Path, iters: int, run, lr=None,
+           time_budget_s: Optional[float] = None) -> Dict:
+    """Fine-tune from `init` for `iters` steps (or until time_budget_s is spent, when given) in
+    `out`, resuming its own checkpoints."""
+    train = stage_train_config(cfg.train, iters, lr)
+    if time_budget_s:
+        train = dataclasses.replace(train, time_budget_s=time_budget_s)
     stage_cfg = dataclasses.replace(
-        cfg, run=RunConfig(dir=str(out)), train=stage_train_config(cfg.train, iters, lr),
+        cfg, run=RunConfig(dir=str(out)), train=train,
         checkpoint=dataclasses.replace(cfg.checkpoint, save=None, load=init, finetune=True))
     state = run(stage_cfg)
-    if state.step < iters:
+    if state.step < iters and not state.budget_spent:
         raise StageIncomplete(f"{out.name} stopped at step {state.step} of {iters}")
     path = ckpt.resolve(str(out / "checkpoints"))
     return {"checkpoint": str(path), "tokens": state.consumed_samples * cfg.data.seq_length}
@@ -150,7 +155,8 @@ def distill_student(cfg: MinitronConfig, teacher: str, student: str, out: Path) 
 
     cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill,
                                                                teacher_checkpoint=teacher))
-    return _train(cfg, student, out, cfg.pipeline.distill_iters, distill)
+    return _train(cfg, student, out, cfg.pipeline.distill_iters, distill,
+                  time_budget_s=cfg.pipeline.distill_time_budget_s)
 
 
 def score(cfg: MinitronConfig, checkpoint: str, output: str) -> Dict:

@@ -17,6 +17,7 @@ from megatron_minitron.training.metrics import MetricsWriter
 from megatron_minitron.runtime.progress import Progress
 from megatron_minitron.training.nonfinite import (NonFiniteError, NonFiniteGuard,
                                                   first_nonfinite, guarded_step)
+from megatron_minitron.training.time_budget import TimeBudget, agreed_seconds
 
 
 class DataSource(Protocol):
@@ -39,9 +40,16 @@ class LoopState:
     consumed_samples: int = 0
     last_losses: Dict[str, float] = field(default_factory=dict)
     last_valid: Dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    """Seconds of optimizer steps so far, over resumes (kept when train.time_budget_s is set)."""
+    budget_spent: bool = False
+    """The run stopped because train.time_budget_s was spent (before train_iters)."""
 
 
 class Trainer:
+    clock = staticmethod(time.perf_counter)
+    """Seconds of a step (tokens_per_s, train.time_budget_s); tests give it a fake clock."""
+
     def __init__(self, cfg: MinitronConfig, ctx: ParallelContext, chunks: List[torch.nn.Module],
                  step: Step, optimizer, scheduler, data: DataSource, writer: MetricsWriter,
                  make_header: Callable[[LoopState], ckpt.CheckpointHeader]):
@@ -128,39 +136,51 @@ class Trainer:
                             self.cfg.logger.progress_bar)
         it = self._iterators(lambda: self.data.train_iterator(state.consumed_samples))
         guard = NonFiniteGuard(t.max_nonfinite_steps, t.optimizer.lr)
+        budget = TimeBudget.of(t)
+
+        def finished() -> bool:
+            return state.step >= t.train_iters or (budget is not None and
+                                                  budget.spent(state.train_seconds))
+        if budget is not None:
+            budget.set_lr(self.scheduler, state.train_seconds)
         ran = 0
         try:
             with PreemptionFlag() as preempt:
-                while state.step < t.train_iters:
-                    start = time.perf_counter()
+                while not finished():
+                    start = self.clock()
                     losses = self.train_step(it)
+                    seconds = self.clock() - start
                     state.step += 1
                     ran += 1
                     state.consumed_samples += t.global_batch_size
-                    losses["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+                    losses["tokens_per_s"] = tokens_per_step / seconds
                     losses["consumed_tokens"] = state.consumed_samples * self.cfg.data.seq_length
+                    if budget is not None:
+                        state.train_seconds += agreed_seconds(seconds, self.ctx.device)
+                        budget.set_lr(self.scheduler, state.train_seconds)
+                        losses["lr"] = self.optimizer.param_groups[0]["lr"]
+                        losses["train_seconds"] = state.train_seconds
+                    last = finished()
                     state.last_losses = losses
                     guard.update(state.step, bool(losses["skipped"]), losses)
                     losses["skipped_steps"] = float(guard.total)
-                    if t.eval_interval and state.step % t.eval_interval == 0 \
-                            and state.step < t.train_iters:
+                    if t.eval_interval and state.step % t.eval_interval == 0 and not last:
                         state.last_valid = self.evaluate()
                         losses.update(state.last_valid)
-                    if state.step % t.log_interval == 0 or state.step == t.train_iters or \
-                            guard.consecutive:
+                    if state.step % t.log_interval == 0 or last or guard.consecutive:
                         self.writer.log(state.step, losses)
                     guard.check()
                     progress.update(state.step, {k: losses[k] for k in self.step.loss_names})
                     interval = self.cfg.checkpoint.save_interval
-                    if interval and state.step % interval == 0 and state.step < t.train_iters:
+                    if interval and state.step % interval == 0 and not last:
                         self.save(state)
                     if preempt.agreed(self.ctx.device):
                         self.save(state)
                         raise Requeue(f"saved step {state.step} to {self.checkpoint_root}")
-                    if t.exit_after_iters and ran >= t.exit_after_iters and \
-                            state.step < t.train_iters:
+                    if t.exit_after_iters and ran >= t.exit_after_iters and not last:
                         self.save(state)
                         return state
+                state.budget_spent = state.step < t.train_iters
                 state.last_valid = self.evaluate()
                 self.writer.log(state.step, state.last_valid)
                 self.save(state)

@@ -39,12 +39,19 @@ def build_optimizer(chunks: List[torch.nn.Module], cfg: OptimizerConfig, train: 
     use_fused_adamw(optimizer)
     use_foreach_clipping()
     samples = train.train_iters * train.global_batch_size
+    style, wsd = cfg.lr_decay_style, {}
+    if style == "wsd" and train.time_budget_s:
+        style = "constant"  # training/time_budget.py decays by the share of time spent
+    elif style == "wsd":  # megatron's WSD over the steps' last fraction
+        style = "WSD"
+        wsd = dict(wsd_decay_steps=max(1, round(cfg.lr_wsd_decay_fraction * samples)),
+                   lr_wsd_decay_style="linear")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
         lr_warmup_steps=cfg.lr_warmup_iters * train.global_batch_size,
-        lr_decay_steps=max(samples, 1), lr_decay_style=cfg.lr_decay_style,
+        lr_decay_steps=max(samples, 1), lr_decay_style=style,
         start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(samples, 1),
-        wd_incr_style="constant")
+        wd_incr_style="constant", **wsd)
     return optimizer, scheduler
 
 

@@ -16,6 +16,10 @@ from megatron_minitron.training.optimizer import (attach_schedule_hooks, build_o
                                                   use_fused_adamw, wrap_ddp)
 
 
+TRAIN_SECONDS = "train_seconds"
+"""Header extra of a run under train.time_budget_s: the seconds of steps it has spent."""
+
+
 @dataclass
 class StartPoint:
     """Where weights come from: a resumable run of ours, a checkpoint to fine-tune, or nothing."""
@@ -85,14 +89,18 @@ def build_trainer(cfg: MinitronConfig, ctx: ParallelContext, start: StartPoint,
                       field="checkpoint.save" if cfg.checkpoint.save else "run.dir",
                       verify=cfg.checkpoint.verify)
         use_fused_adamw(optimizer)  # the loaded param_groups carry the saver's choice
-        state = LoopState(step=h.step, consumed_samples=h.consumed_samples)
+        state = LoopState(step=h.step, consumed_samples=h.consumed_samples,
+                          train_seconds=float(h.extra.get(TRAIN_SECONDS, 0.0)))
         carried = ckpt.carried_extra(h) or carried
     writer = MetricsWriter(cfg.run.dir, cfg.logger, ctx.rank == 0, config_dict,
                            resume_step=state.step)
 
     def make_header(s: LoopState) -> ckpt.CheckpointHeader:
+        extra = dict(carried)
+        if cfg.train.time_budget_s:  # a resumed run continues the same budget
+            extra[TRAIN_SECONDS] = s.train_seconds
         return ckpt.CheckpointHeader(model=cfg.model, tokenizer=tokenizer_info, step=s.step,
-                                     consumed_samples=s.consumed_samples, extra=dict(carried))
+                                     consumed_samples=s.consumed_samples, extra=extra)
 
     trainer = Trainer(cfg, ctx, chunks, step, optimizer, scheduler, data, writer,
                       make_header)
