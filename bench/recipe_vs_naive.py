@@ -27,7 +27,13 @@ given seed: the seed sets data order and any random init):
 
     python bench/recipe_vs_naive.py [tokens=40960] [seeds=1,2,3] [arms=ours,manual,...]
         [split=report|select] [windows=10] [threads=2] [work=/tmp/minitron_bench_smollm2]
-        [recipe knobs] [axes=depth|width|<budget axes>]
+        [recipe knobs] [axes=depth|width|<budget axes>] [teacher=smollm2|gemma3_270m]
+
+teacher=gemma3_270m: the real Gemma 3 270M (bench/smollm2.py; work defaults to
+/tmp/minitron_bench_gemma3), our student is `experiment=gemma3_270m`'s prune.target (hidden,
+ffn and query heads; axes is unused), ref the same shape from bench/reference_prune.py (its
+query heads by the norm of their attention output), every held-out window starts with <bos>
+as Gemma expects; arms, recipe knobs and verdicts as above.
 
 score: which halves each trained student is scored on (select,report: both; a run cached
 with fewer halves is not rescored). threads: torch's intra-op threads of every arm (fp32
@@ -77,31 +83,51 @@ step and the student pruned to 15 of 30 layers; `axes=width` gives the hidden + 
 KNOBS = dict({"work": "/tmp/minitron_bench_smollm2", "tokens": 40960, "seeds": "1,2,3",
               "arms": "ours,manual,naive_ref,ce_ref,naive_ours", "split": "report",
               "windows": 10, "threads": 2, "score": "select,report",
-              "starts": "true"}, **CHOSEN)
+              "starts": "true", "teacher": "smollm2"}, **CHOSEN)
+GEMMA_WORK = "/tmp/minitron_bench_gemma3"
 
 
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def students(work: str):
+def experiment_target(name: str) -> dict:
+    """The prune.target sizes an experiment sets ({field: size})."""
+    import dataclasses
+
+    from megatron_minitron.config.loader import load_config
+
+    target = load_config([f"experiment={name}"]).prune.target
+    return {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
+
+
+def students(work: str, teacher_kind: str = "smollm2"):
     """(teacher ckpt, teacher HF dir, our pruned ckpt, our student HF dir, reference HF dir)."""
     from megatron_minitron.checkpoint.dist import read_header
-    from megatron_minitron.checkpoint.smollm2 import fetch_smollm2
+    from megatron_minitron.checkpoint.embedded import fetch
 
     from reference_prune import reference_prune
 
     w = Path(work)
-    teacher = smollm2.teacher_checkpoint(work)
-    ours = smollm2.pruned_checkpoint(work, "activation")
+    teacher = smollm2.teacher_checkpoint(work, teacher_kind)
+    if teacher_kind == "smollm2":
+        ours = smollm2.pruned_checkpoint(work, "activation")
+    else:  # the experiment's target: hidden, ffn and query heads together
+        ours = smollm2.pruned_checkpoint(work, "activation", teacher=teacher_kind,
+                                         target=experiment_target(teacher_kind))
     ours_hf = _hf_export(ours, w / "hf_student_activation")
-    teacher_hf = str(fetch_smollm2())
+    teacher_hf = str(fetch(teacher_kind))
     model = read_header(ours).model
-    ref_hf = w / f"hf_reference_h{model.hidden_size}_f{model.ffn_hidden_size}"
+    src = read_header(teacher).model
+    heads = model.num_attention_heads if model.num_attention_heads != src.num_attention_heads \
+        else None
+    ref_hf = w / (f"hf_reference_h{model.hidden_size}_f{model.ffn_hidden_size}" +
+                  (f"_a{heads}" if heads else ""))
     if not (ref_hf / "config.json").exists():
         reference_prune(teacher_hf, str(ref_hf), model.hidden_size, model.ffn_hidden_size,
                         (b["tokens"] for b in _samples(teacher, smollm2.NUM_SAMPLES,
-                                                       smollm2.SEED, 4)))
+                                                       smollm2.SEED, 4)),
+                        num_attention_heads=heads)
     return teacher, teacher_hf, ours, ours_hf, str(ref_hf)
 
 
@@ -122,10 +148,23 @@ def _samples(teacher_ckpt: str, num: int, seed: int, mbs: int, cfg=None):
 
 
 def windows(tokenizer, work: str, count: int, split: str):
-    """{text: [count, SEQ] token windows} from the first (select) or second (report) half."""
+    """{text: [count, SEQ] token windows} from the first (select) or second (report) half. A
+    tokenizer that starts its encodings with <bos> (Gemma's) gets <bos> + SEQ - 1 text tokens
+    in every window; others (SmolLM2's) SEQ consecutive tokens."""
     out = {}
+    bos = tokenizer.bos_token_id
     for name, text in heldout_texts.texts(work).items():
         ids = torch.tensor(tokenizer(text)["input_ids"])
+        if bos is not None and ids.numel() and int(ids[0]) == bos:
+            body = ids[1:]
+            n = body.numel() // (SEQ - 1)
+            wins = torch.cat([torch.full((n, 1), bos),
+                              body[: n * (SEQ - 1)].view(n, SEQ - 1)], dim=1)
+            half = wins[: n // 2] if split == "select" else wins[n // 2:]
+            if len(half) < count:
+                raise SystemExit(f"{name}: only {len(half)} windows in its {split} half")
+            out[name] = half[:count]
+            continue
         n = ids.numel() // SEQ
         wins = ids[: n * SEQ].view(n, SEQ)
         half = wins[: n // 2] if split == "select" else wins[n // 2:]
@@ -176,8 +215,11 @@ def _config(run_dir: Path, student: str, teacher: str, recipe: dict, tokens: int
 
 
 def _spec(arm: str, recipe: dict, k: dict, seed: int) -> dict:
-    return {"arm": arm, "tokens": k["tokens"], "seed": seed, "windows": k["windows"],
+    spec = {"arm": arm, "tokens": k["tokens"], "seed": seed, "windows": k["windows"],
             "recipe": recipe if arm not in NAIVE else None}
+    if k.get("teacher", "smollm2") != "smollm2":  # SmolLM2's runs keep the keys they had
+        spec["teacher"] = k["teacher"]
+    return spec
 
 
 def run_path(arm: str, recipe: dict, k: dict, seed: int) -> Path:
@@ -299,18 +341,23 @@ def verdict(ours, other) -> str:
 
 def main(argv):
     k = parse_knobs(argv, KNOBS)
+    if k["teacher"] not in ("smollm2", "gemma3_270m"):
+        raise SystemExit(f"teacher={k['teacher']}: use smollm2 or gemma3_270m")
+    if k["teacher"] != "smollm2" and k["work"] == KNOBS["work"]:
+        k["work"] = GEMMA_WORK
     torch.set_num_threads(k["threads"])
     from megatron_minitron.eval.perplexity import checkpoint_tokenizer  # noqa: F401
     from transformers import AutoTokenizer
 
     from kd_vs_hf import cpu_description
 
-    fixtures = students(k["work"])
+    fixtures = students(k["work"], k["teacher"])
     tok = AutoTokenizer.from_pretrained(fixtures[1])
     wins_all = {s: windows(tok, k["work"], k["windows"], s) for s in ("select", "report")}
     texts = list(wins_all["select"])
     recipe = {name: k[name] for name in RECIPE}
-    if k["axes"] != "width":  # the hidden + ffn student's runs keep the keys they had
+    # the hidden + ffn student's runs keep the keys they had; Gemma's student is its target
+    if k["axes"] != "width" and k["teacher"] == "smollm2":
         recipe["axes"] = k["axes"]
     seeds = [int(s) for s in k["seeds"].split(",")]
     arms = k["arms"].split(",")
@@ -333,7 +380,8 @@ def main(argv):
             for name, d in start.items()}
     summary = summarize(results, texts, k["split"])
     print(f"\nCPU: {cpu_description()}")
-    print(f"{k['tokens']:,} demo-corpus tokens per arm, seeds {seeds}, ours = {recipe}; "
+    print(f"teacher {k['teacher']}; {k['tokens']:,} demo-corpus tokens per arm, seeds {seeds}, "
+          f"ours = {recipe}; "
           f"perplexity (HF fp32) on {k['windows']} x {SEQ} tokens of the {k['split']} half of "
           f"each text; mean [min-max] over seeds")
     print(f"{'arm':<12}" + "".join(f"{t:>24}" for t in texts) + f"{'train s':>9}")

