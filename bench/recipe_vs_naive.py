@@ -160,13 +160,9 @@ def windows(tokenizer, work: str, count: int, split: str):
             n = body.numel() // (SEQ - 1)
             wins = torch.cat([torch.full((n, 1), bos),
                               body[: n * (SEQ - 1)].view(n, SEQ - 1)], dim=1)
-            half = wins[: n // 2] if split == "select" else wins[n // 2:]
-            if len(half) < count:
-                raise SystemExit(f"{name}: only {len(half)} windows in its {split} half")
-            out[name] = half[:count]
-            continue
-        n = ids.numel() // SEQ
-        wins = ids[: n * SEQ].view(n, SEQ)
+        else:
+            n = ids.numel() // SEQ
+            wins = ids[: n * SEQ].view(n, SEQ)
         half = wins[: n // 2] if split == "select" else wins[n // 2:]
         if len(half) < count:
             raise SystemExit(f"{name}: only {len(half)} windows in its {split} half")

@@ -55,8 +55,8 @@ POOL = 4096
 
 
 def sample_pool(teacher_ckpt: str, seed: int):
-    """The seed's training samples of the demo corpus, in order, as `minitron distill` builds
-    them (tokens, labels, loss_mask, position_ids of SEQ tokens each)."""
+    """POOL training samples of the demo corpus in the seed's order, from the data stage's
+    build_datasets (tokens, labels, loss_mask, position_ids of SEQ tokens each)."""
     from megatron_minitron.config.data import DataConfig
     from megatron_minitron.data.datasets import build_datasets
     from megatron_minitron.eval.perplexity import checkpoint_tokenizer
@@ -102,7 +102,8 @@ def _ours_weights(trainer):
 
     gpt = unwrap(trainer.chunks[0])
     sd = {k: v for k, v in gpt.state_dict().items() if "_extra_state" not in k}
-    return hf_keymap.mcore_to_hf_state_dict(sd, trainer.cfg.model, "llama")
+    model = trainer.cfg.model
+    return hf_keymap.mcore_to_hf_state_dict(sd, model, hf_keymap.default_model_type(model))
 
 
 def run_arm(arm: str, seed: int, k: dict, fixtures, scorer: Scorer) -> dict:

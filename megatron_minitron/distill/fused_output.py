@@ -91,9 +91,9 @@ class _FusedLinearLogitLoss(torch.autograd.Function):
                 torch.mm(g, ws, out=grad_h[rows])  # [c, v/tp] x [v/tp, h_s] -> [c, h_s]
                 grad_w[:nr].addmm_(g.t(), x, alpha=alpha)  # [v/tp, c] x [c, h_s]
             else:  # bf16: both GEMMs in bf16, as megatron's bf16 output layer does backward
-                # (its grad_output is bf16); native on GPUs and on CPUs with AVX512-BF16 or
-                # AMX (2.2x fp32 on a 2-core AMD EPYC with AVX512-BF16); each chunk's weight
-                # gradient is added to the fp32 accumulator
+                # (its grad_output is bf16; native on GPUs and on CPUs with AVX512-BF16 or
+                # AMX, docs/PERFORMANCE.md); each chunk's weight gradient is added to the fp32
+                # accumulator
                 gb = g.to(ws.dtype)
                 torch.mm(gb, ws, out=grad_h[rows])
                 grad_w[:nr].add_(gb.t() @ x, alpha=alpha)

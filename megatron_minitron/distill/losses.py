@@ -119,9 +119,10 @@ def chunk_loss(cfg: DistillConfig, s_raw: torch.Tensor, t_raw: Optional[torch.Te
         del x
     # the student's LM loss for the log, no gradient: from forward KL's own log-softmax when
     # that is the student's at temperature 1, else a logsumexp pass of its own
-    ce_from_kd = (g_ce is None and labels is not None and cfg.logit_loss == "forward_kl"
-                  and temp == 1.0 and torch.is_tensor(t_raw))
-    if g_ce is None and labels is not None and not ce_from_kd:
+    log_ce = g_ce is None and labels is not None
+    ce_from_kd = (log_ce and cfg.logit_loss == "forward_kl" and temp == 1.0
+                  and torch.is_tensor(t_raw))
+    if log_ce and not ce_from_kd:
         sums[1] += (divergences.cross_entropy_value(s_raw, labels, vocab_start, group) * w).sum()
     if t_raw is None:
         return g_ce
